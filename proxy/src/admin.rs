@@ -1,0 +1,139 @@
+//! Admin listener: `/metrics`, `/healthz`, `/readyz` and `/config` (never any secret).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::identity::IdentityStore;
+use crate::metrics::Metrics;
+
+/// State the admin endpoints report on.
+pub struct Admin {
+    metrics: Arc<Metrics>,
+    identity: Arc<IdentityStore>,
+    /// Listeners bound and not draining.
+    ready: Arc<AtomicBool>,
+    /// The effective configuration minus identity, rendered once: it does not change at run time.
+    config: serde_json::Value,
+}
+
+impl Admin {
+    /// Admin state for a running sidecar.
+    pub fn new(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        identity: Arc<IdentityStore>,
+        ready: Arc<AtomicBool>,
+    ) -> Self {
+        let routes: Vec<_> = config.routes.iter().map(|r| json!(r.as_ref())).collect();
+        let config = json!({
+            "mode": "standalone",
+            "trust_domain": config.trust_domain.as_str(),
+            "identity_files": config.identity_files,
+            "outbound": config.outbound.to_string(),
+            "inbound": config.inbound.to_string(),
+            "app": config.app.map(|a| a.to_string()),
+            "admin": config.admin.to_string(),
+            "routes": routes,
+            "workers": config.workers,
+            "drain_timeout": humantime::format_duration(config.drain_timeout).to_string(),
+            "log_format": config.log_format,
+        });
+        Self {
+            metrics,
+            identity,
+            ready,
+            config,
+        }
+    }
+
+    /// Serves the admin endpoints until the process exits (they stay up while draining).
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let this = this.clone();
+                    async move { Ok::<_, Infallible>(this.handle(&req)) }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    }
+
+    fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+        }
+        match req.uri().path() {
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" => match self.not_ready_reason() {
+                None => text(StatusCode::OK, "ready\n"),
+                Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, why),
+            },
+            "/metrics" => {
+                let mut resp = text(StatusCode::OK, self.metrics.render());
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                resp
+            }
+            "/config" => {
+                let svid = &self.identity.current().svid;
+                let mut config = self.config.clone();
+                config["identity"] = json!({
+                    "spiffe_id": svid.id.as_str(),
+                    "serial": svid.serial,
+                    "not_before": svid.not_before,
+                    "not_after": svid.not_after,
+                });
+                let mut resp = text(StatusCode::OK, format!("{config:#}\n"));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+                resp
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /metrics, /healthz, /readyz or /config\n",
+            ),
+        }
+    }
+
+    fn not_ready_reason(&self) -> Option<&'static str> {
+        if !self.ready.load(Ordering::Acquire) {
+            Some("not ready: starting or draining\n")
+        } else if !self.identity.is_valid_now() {
+            Some("not ready: the SVID is outside its validity period\n")
+        } else {
+            None
+        }
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

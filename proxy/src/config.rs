@@ -1,0 +1,350 @@
+//! The sidecar's configuration: flags, `MANDATE_*` environment variables and a YAML file, in that
+//! order of precedence, validated once at start-up into [`Config`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use mandate_identity::TrustDomain;
+use serde::Deserialize;
+
+use crate::routes::{Route, RouteTable};
+
+/// Environment variable holding routes, separated by `;` (a route itself contains commas).
+const ROUTE_ENV: &str = "MANDATE_ROUTE";
+
+/// A configuration value that cannot be used; names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A field has an unusable value.
+    #[error("{field}: {why}")]
+    Field {
+        /// The flag / key name.
+        field: &'static str,
+        /// What is wrong and what to do.
+        why: String,
+    },
+    /// The `--config` file cannot be read or parsed.
+    #[error("--config {path}: {why}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Read or YAML error (unknown keys included).
+        why: String,
+    },
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Command-line flags; the same keys are accepted in the YAML `--config` file.
+#[derive(Debug, Default, Parser, Deserialize)]
+#[command(
+    name = "mandate-proxy",
+    version,
+    about = "Mandate sidecar: mTLS with SPIFFE identities for AI agents and their tools"
+)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Args {
+    /// YAML file with any of these keys (flags and MANDATE_* variables win over it).
+    #[arg(long, env = "MANDATE_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// SPIFFE trust domain of this mesh [default: mandate.local].
+    #[arg(long, env = "MANDATE_TRUST_DOMAIN")]
+    pub trust_domain: Option<String>,
+    /// Our X.509-SVID (PEM; leaf first, then any intermediates). Reloaded on change.
+    #[arg(long, env = "MANDATE_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Private key of the SVID (PEM, PKCS#8 or SEC1). Reloaded on change.
+    #[arg(long, env = "MANDATE_KEY")]
+    pub key: Option<PathBuf>,
+    /// Trust bundle: CA certificates (PEM) peers' SVIDs must chain to. Reloaded on change.
+    #[arg(long, env = "MANDATE_BUNDLE")]
+    pub bundle: Option<PathBuf>,
+    /// Listener for the agent's outbound calls [default: 127.0.0.1:15001].
+    #[arg(long, env = "MANDATE_OUTBOUND")]
+    pub outbound: Option<String>,
+    /// Listener for mTLS from other sidecars [default: 0.0.0.0:15006].
+    #[arg(long, env = "MANDATE_INBOUND")]
+    pub inbound: Option<String>,
+    /// Local application that inbound calls are forwarded to, e.g. 127.0.0.1:8080.
+    #[arg(long, env = "MANDATE_APP")]
+    pub app: Option<String>,
+    /// Admin listener: /metrics, /healthz, /readyz, /config [default: 127.0.0.1:15000].
+    #[arg(long, env = "MANDATE_ADMIN")]
+    pub admin: Option<String>,
+    /// A meshed destination: HOST[:PORT]=ADDR,id=SPIFFE_ID[,protocol=tcp][,listen=ADDR]. Repeatable;
+    /// MANDATE_ROUTE takes several separated by ';'.
+    #[arg(long = "route", value_name = "ROUTE")]
+    #[serde(default)]
+    pub route: Vec<String>,
+    /// Worker threads for the data path [default: number of CPUs].
+    #[arg(long, env = "MANDATE_WORKERS")]
+    pub workers: Option<usize>,
+    /// How long in-flight requests may take to finish after SIGTERM, e.g. 15s [default: 15s].
+    #[arg(long, env = "MANDATE_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<String>,
+    /// Log format [default: text]. The level comes from MANDATE_LOG (e.g. info, mandate_proxy=debug).
+    #[arg(long, env = "MANDATE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+impl Args {
+    /// Fills every field not given as a flag or variable from the `--config` file, if any.
+    pub fn with_config_file(mut self) -> Result<Self, ConfigError> {
+        if self.route.is_empty()
+            && let Ok(env_routes) = std::env::var(ROUTE_ENV)
+        {
+            self.route = env_routes
+                .split(';')
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let file = read_file_args(&path)?;
+        Ok(Args {
+            config: Some(path),
+            trust_domain: self.trust_domain.or(file.trust_domain),
+            cert: self.cert.or(file.cert),
+            key: self.key.or(file.key),
+            bundle: self.bundle.or(file.bundle),
+            outbound: self.outbound.or(file.outbound),
+            inbound: self.inbound.or(file.inbound),
+            app: self.app.or(file.app),
+            admin: self.admin.or(file.admin),
+            route: if self.route.is_empty() {
+                file.route
+            } else {
+                self.route
+            },
+            workers: self.workers.or(file.workers),
+            drain_timeout: self.drain_timeout.or(file.drain_timeout),
+            log_format: self.log_format.or(file.log_format),
+        })
+    }
+}
+
+fn read_file_args(path: &Path) -> Result<Args, ConfigError> {
+    let file_err = |why: String| ConfigError::File {
+        path: path.to_owned(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+    serde_yaml_ng::from_str(&text).map_err(|e| file_err(e.to_string()))
+}
+
+/// Paths of the identity files.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IdentityFiles {
+    /// SVID certificate chain.
+    pub cert: PathBuf,
+    /// SVID private key.
+    pub key: PathBuf,
+    /// Trust bundle.
+    pub bundle: PathBuf,
+}
+
+/// The validated configuration the sidecar runs with.
+#[derive(Debug)]
+pub struct Config {
+    /// Our trust domain; peers outside it are refused.
+    pub trust_domain: TrustDomain,
+    /// Where identity is read from.
+    pub identity_files: IdentityFiles,
+    /// Outbound listener.
+    pub outbound: SocketAddr,
+    /// Inbound listener.
+    pub inbound: SocketAddr,
+    /// Local application behind the inbound listener, if any.
+    pub app: Option<SocketAddr>,
+    /// Admin listener.
+    pub admin: SocketAddr,
+    /// Meshed destinations.
+    pub routes: RouteTable,
+    /// Data-path worker threads.
+    pub workers: usize,
+    /// Grace period for in-flight requests after SIGTERM.
+    pub drain_timeout: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Validates merged arguments; every error names the field to fix.
+    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+        let field = |field: &'static str, why: String| ConfigError::Field { field, why };
+        let trust_domain = args
+            .trust_domain
+            .as_deref()
+            .unwrap_or("mandate.local")
+            .parse()
+            .map_err(|e: mandate_identity::SpiffeIdError| field("--trust-domain", e.to_string()))?;
+        let required = |name: &'static str, v: Option<PathBuf>| {
+            v.ok_or_else(|| {
+                field(
+                    name,
+                    "required in standalone mode (PEM file; `mandate ca issue` makes one)".into(),
+                )
+            })
+        };
+        let identity_files = IdentityFiles {
+            cert: required("--cert", args.cert)?,
+            key: required("--key", args.key)?,
+            bundle: required("--bundle", args.bundle)?,
+        };
+        let addr = |name: &'static str, v: Option<String>, default: &str| {
+            let v = v.unwrap_or_else(|| default.to_owned());
+            v.parse::<SocketAddr>()
+                .map_err(|_| field(name, format!("{v:?} is not an IP:PORT address")))
+        };
+        let outbound = addr("--outbound", args.outbound, "127.0.0.1:15001")?;
+        let inbound = addr("--inbound", args.inbound, "0.0.0.0:15006")?;
+        let admin = addr("--admin", args.admin, "127.0.0.1:15000")?;
+        let app = match args.app {
+            Some(a) => Some(addr("--app", Some(a), "")?),
+            None => None,
+        };
+        let routes = args
+            .route
+            .iter()
+            .map(|r| r.parse::<Route>())
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(RouteTable::new)
+            .map_err(|e| field("--route", e.to_string()))?;
+        let workers = match args.workers {
+            Some(0) => return Err(field("--workers", "must be at least 1".into())),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        let drain_timeout =
+            humantime::parse_duration(args.drain_timeout.as_deref().unwrap_or("15s"))
+                .map_err(|e| field("--drain-timeout", format!("{e} (use e.g. 15s or 500ms)")))?;
+        let mut seen = vec![
+            (outbound, "--outbound"),
+            (inbound, "--inbound"),
+            (admin, "--admin"),
+        ];
+        seen.extend(
+            routes
+                .iter()
+                .filter_map(|r| r.listen.map(|l| (l, "--route listen="))),
+        );
+        for (i, (a, name)) in seen.iter().enumerate() {
+            if let Some((_, other)) = seen[..i].iter().find(|(b, _)| b == a && a.port() != 0) {
+                return Err(field(name, format!("{a} is also used by {other}")));
+            }
+        }
+        Ok(Config {
+            trust_domain,
+            identity_files,
+            outbound,
+            inbound,
+            app,
+            admin,
+            routes,
+            workers,
+            drain_timeout,
+            log_format: args.log_format.unwrap_or(LogFormat::Text),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Vec<&'static str> {
+        vec![
+            "mandate-proxy",
+            "--cert",
+            "c.pem",
+            "--key",
+            "k.pem",
+            "--bundle",
+            "b.pem",
+        ]
+    }
+
+    fn config(extra: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = base();
+        argv.extend_from_slice(extra);
+        Config::from_args(Args::parse_from(argv).with_config_file()?)
+    }
+
+    #[test]
+    fn defaults_follow_service_mesh_habit() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.trust_domain.as_str(), "mandate.local");
+        assert_eq!(c.outbound.to_string(), "127.0.0.1:15001");
+        assert_eq!(c.inbound.to_string(), "0.0.0.0:15006");
+        assert_eq!(c.admin.to_string(), "127.0.0.1:15000");
+        assert_eq!(c.drain_timeout, Duration::from_secs(15));
+        assert!(c.app.is_none());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        for (extra, want) in [
+            (vec!["--outbound", "localhost"], "--outbound"),
+            (vec!["--trust-domain", "Bad"], "--trust-domain"),
+            (vec!["--route", "nope"], "--route"),
+            (vec!["--workers", "0"], "--workers"),
+            (vec!["--drain-timeout", "soon"], "--drain-timeout"),
+            (
+                vec!["--admin", "127.0.0.1:15001"],
+                "--admin: 127.0.0.1:15001 is also used by --outbound",
+            ),
+        ] {
+            let err = config(&extra).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{extra:?}: {err}");
+        }
+        let err = Config::from_args(Args::parse_from(["mandate-proxy"])).unwrap_err();
+        assert!(err.to_string().starts_with("--cert: required"));
+    }
+
+    #[test]
+    fn file_fills_gaps_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.yaml");
+        std::fs::write(
+            &path,
+            "trust-domain: example.org\napp: 127.0.0.1:8080\noutbound: 127.0.0.1:1\nroute:\n  - tool=127.0.0.1:2,id=spiffe://example.org/service/tool\n",
+        )
+        .unwrap();
+        let c = config(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--outbound",
+            "127.0.0.1:3",
+        ])
+        .unwrap();
+        assert_eq!(c.trust_domain.as_str(), "example.org");
+        assert_eq!(c.app, Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(c.outbound.to_string(), "127.0.0.1:3");
+        assert_eq!(c.routes.iter().count(), 1);
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.yaml");
+        std::fs::write(&path, "trust_domian: x\n").unwrap();
+        let err = config(&["--config", path.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field"), "{err}");
+    }
+}

@@ -1,0 +1,211 @@
+//! Inbound: terminate mTLS from other sidecars, learn the caller's SPIFFE ID from its verified
+//! certificate, stamp identity headers and forward to the local app.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{HeaderName, HeaderValue};
+use http::uri::Authority;
+use http::{Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use mandate_identity::TrustDomain;
+use mandate_identity::svid::check_svid;
+use serde_json::json;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::headers::{ProxyBody, json_response};
+use crate::identity::IdentityStore;
+use crate::metrics::{ConnectionGuard, Direction, Metrics};
+use crate::relay;
+use crate::server::{HttpProtocol, serve_http};
+use crate::tls::{self, ALPN_H2, ALPN_TCP};
+use crate::upstream::{AppClients, app_clients, connect_app};
+
+/// A peer gets this long to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+static X_MANDATE_PEER: HeaderName = HeaderName::from_static("x-mandate-peer");
+static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// The inbound side of the sidecar.
+pub struct Inbound {
+    trust_domain: TrustDomain,
+    identity: Arc<IdentityStore>,
+    metrics: Arc<Metrics>,
+    app: Option<(SocketAddr, AppClients)>,
+    cancel: CancellationToken,
+}
+
+/// Headers stamped on every request of one connection, computed once at the handshake.
+struct PeerStamp {
+    peer: HeaderValue,
+    xfcc: HeaderValue,
+}
+
+impl Inbound {
+    /// Inbound side forwarding to `app` (if any).
+    pub fn new(
+        trust_domain: TrustDomain,
+        identity: Arc<IdentityStore>,
+        metrics: Arc<Metrics>,
+        app: Option<SocketAddr>,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            trust_domain,
+            identity,
+            metrics,
+            app: app.map(|a| (a, app_clients(a))),
+            cancel,
+        }
+    }
+
+    /// Handles one accepted connection: handshake, then HTTP or opaque TCP by ALPN.
+    pub async fn serve_connection(self: Arc<Self>, tcp: TcpStream, peer_addr: SocketAddr) {
+        let _open = ConnectionGuard::new(&self.metrics.inbound.open_connections);
+        let identity = self.identity.current();
+        let acceptor = TlsAcceptor::from(identity.server.clone());
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                let reason = tls::failure_reason(&e);
+                self.metrics.handshake_failure(Direction::Inbound, reason);
+                tracing::warn!(peer = %peer_addr, reason, error = %e, "inbound TLS handshake refused");
+                return;
+            }
+            Err(_) => {
+                self.metrics
+                    .handshake_failure(Direction::Inbound, "handshake_timeout");
+                tracing::warn!(peer = %peer_addr, reason = "handshake_timeout", "inbound TLS handshake refused");
+                return;
+            }
+        };
+        let session = tls.get_ref().1;
+        // The verifier accepted this certificate, so it parses as an SVID of our trust domain.
+        let Some((leaf, svid)) = session
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|leaf| Some((leaf, check_svid(leaf, &self.trust_domain).ok()?)))
+        else {
+            tracing::error!(peer = %peer_addr, "verified peer has no SVID; closing");
+            return;
+        };
+        let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+        tracing::debug!(peer = %peer_addr, spiffe_id = %svid.id, "inbound connection");
+
+        if alpn.as_deref() == Some(ALPN_TCP) {
+            self.relay_tcp(tls, peer_addr).await;
+            return;
+        }
+        let stamp = Arc::new(PeerStamp {
+            peer: HeaderValue::from_str(svid.id.as_str())
+                .expect("SPIFFE IDs are valid header values"),
+            xfcc: xfcc(identity.svid.id.as_str(), leaf, svid.id.as_str()),
+        });
+        let protocol = if alpn.as_deref() == Some(ALPN_H2) {
+            HttpProtocol::Http2
+        } else {
+            HttpProtocol::Http1
+        };
+        let cancel = self.cancel.clone();
+        serve_http(tls, protocol, cancel, move |req| {
+            let (this, stamp) = (self.clone(), stamp.clone());
+            async move { Ok::<_, Infallible>(this.handle(req, &stamp).await) }
+        })
+        .await;
+    }
+
+    async fn handle(&self, req: Request<Incoming>, stamp: &PeerStamp) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let resp = self.forward(req, stamp).await;
+        self.metrics
+            .request(Direction::Inbound, resp.status(), start.elapsed());
+        resp
+    }
+
+    async fn forward(&self, req: Request<Incoming>, stamp: &PeerStamp) -> Response<ProxyBody> {
+        let Some((app_addr, clients)) = &self.app else {
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"error": "no_app", "reason": "this sidecar has no --app to forward inbound calls to"}),
+            );
+        };
+        // Keep the caller's authority (Host / :authority) so the app sees what was addressed.
+        let authority = req
+            .uri()
+            .authority()
+            .cloned()
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+            })
+            .unwrap_or_else(|| {
+                Authority::try_from(app_addr.to_string()).expect("socket address is an authority")
+            });
+        let mut prepared = relay::prepare(req, authority);
+        let headers = prepared.request.headers_mut();
+        headers.insert(X_MANDATE_PEER.clone(), stamp.peer.clone());
+        headers.insert(XFCC.clone(), stamp.xfcc.clone());
+        let client = clients.for_version(prepared.request.version());
+        match relay::send(client, prepared).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                tracing::warn!(app = %app_addr, error = %e, "app did not answer");
+                json_response(
+                    StatusCode::BAD_GATEWAY,
+                    &json!({"error": "app_unavailable", "reason": format!("the local app at {app_addr} did not answer: {e}")}),
+                )
+            }
+        }
+    }
+
+    async fn relay_tcp<S>(&self, mut tls: S, peer_addr: SocketAddr)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let Some((app_addr, _)) = &self.app else {
+            tracing::warn!(peer = %peer_addr, "opaque TCP refused: no --app configured");
+            return;
+        };
+        match connect_app(*app_addr).await {
+            Ok(mut app) => {
+                if let Err(e) = tokio::io::copy_bidirectional(&mut tls, &mut app).await {
+                    tracing::debug!(peer = %peer_addr, error = %e, "TCP relay ended with an error");
+                }
+            }
+            Err(e) => tracing::warn!(peer = %peer_addr, error = %e, "opaque TCP: app unreachable"),
+        }
+    }
+}
+
+/// Envoy's `x-forwarded-client-cert`: `By=<our id>;Hash=<sha256 of peer cert DER>;URI=<peer id>`.
+fn xfcc(ours: &str, peer_leaf: &[u8], peer_id: &str) -> HeaderValue {
+    let digest = ring::digest::digest(&ring::digest::SHA256, peer_leaf);
+    let mut value = String::with_capacity(ours.len() + peer_id.len() + 80);
+    let _ = write!(value, "By={ours};Hash=");
+    for byte in digest.as_ref() {
+        let _ = write!(value, "{byte:02x}");
+    }
+    let _ = write!(value, ";URI={peer_id}");
+    HeaderValue::from_str(&value).expect("SPIFFE IDs and hex are valid header values")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xfcc_follows_envoy_format() {
+        let v = xfcc("spiffe://td/service/tool", b"cert", "spiffe://td/agent/a");
+        assert_eq!(
+            v,
+            "By=spiffe://td/service/tool;Hash=06298432e8066b29e2223bcc23aa9504b56ae508fabf3435508869b9c3190e22;URI=spiffe://td/agent/a"
+        );
+    }
+}

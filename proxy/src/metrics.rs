@@ -1,0 +1,192 @@
+//! Prometheus metrics of the sidecar (prefix `mandate_`).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Which side of the sidecar a metric describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// The agent's calls out.
+    Outbound,
+    /// Calls from other sidecars in.
+    Inbound,
+}
+
+impl Direction {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Outbound => "outbound",
+            Self::Inbound => "inbound",
+        }
+    }
+}
+
+/// Per-direction handles resolved once, so the hot path does no label lookup for them.
+#[derive(Clone)]
+pub struct DirectionMetrics {
+    /// Request duration until response headers.
+    pub duration: Histogram,
+    /// Connections open now.
+    pub open_connections: IntGauge,
+}
+
+/// All sidecar metrics and the registry that exposes them.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    handshake_failures: IntCounterVec,
+    /// Outbound handles.
+    pub outbound: DirectionMetrics,
+    /// Inbound handles.
+    pub inbound: DirectionMetrics,
+    /// notAfter of our SVID, Unix seconds.
+    pub cert_expiry: IntGauge,
+    identity_reloads: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "mandate_requests_total",
+                "Requests handled, by direction and HTTP status.",
+            ),
+            &["direction", "status"],
+        )
+        .expect("valid metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "mandate_request_duration_seconds",
+                "Time from receiving a request to sending its response headers.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["direction"],
+        )
+        .expect("valid metric");
+        let open = IntGaugeVec::new(
+            Opts::new(
+                "mandate_open_connections",
+                "Connections open now, by direction.",
+            ),
+            &["direction"],
+        )
+        .expect("valid metric");
+        let handshake_failures = IntCounterVec::new(
+            Opts::new(
+                "mandate_tls_handshake_failures_total",
+                "TLS handshakes that failed, by direction and reason.",
+            ),
+            &["direction", "reason"],
+        )
+        .expect("valid metric");
+        let cert_expiry = IntGauge::new(
+            "mandate_certificate_expiry_timestamp_seconds",
+            "Expiry (notAfter) of the sidecar's current SVID, Unix seconds.",
+        )
+        .expect("valid metric");
+        let identity_reloads = IntCounterVec::new(
+            Opts::new(
+                "mandate_identity_reloads_total",
+                "Identity file reloads, by result (applied or rejected).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duration.clone()),
+            Box::new(open.clone()),
+            Box::new(handshake_failures.clone()),
+            Box::new(cert_expiry.clone()),
+            Box::new(identity_reloads.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        let per_direction = |d: Direction| DirectionMetrics {
+            duration: duration.with_label_values(&[d.as_str()]),
+            open_connections: open.with_label_values(&[d.as_str()]),
+        };
+        // Make the reload counters visible at 0 before the first reload.
+        for result in ["applied", "rejected"] {
+            identity_reloads.with_label_values(&[result]);
+        }
+        Metrics {
+            outbound: per_direction(Direction::Outbound),
+            inbound: per_direction(Direction::Inbound),
+            registry,
+            requests,
+            handshake_failures,
+            cert_expiry,
+            identity_reloads,
+        }
+    }
+
+    /// The handles of one direction.
+    pub fn direction(&self, d: Direction) -> &DirectionMetrics {
+        match d {
+            Direction::Outbound => &self.outbound,
+            Direction::Inbound => &self.inbound,
+        }
+    }
+
+    /// Counts a finished request.
+    pub fn request(&self, d: Direction, status: http::StatusCode, elapsed: std::time::Duration) {
+        self.requests
+            .with_label_values(&[d.as_str(), status.as_str()])
+            .inc();
+        self.direction(d).duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a failed TLS handshake.
+    pub fn handshake_failure(&self, d: Direction, reason: &str) {
+        self.handshake_failures
+            .with_label_values(&[d.as_str(), reason])
+            .inc();
+    }
+
+    /// Counts an identity reload.
+    pub fn identity_reload(&self, applied: bool) {
+        let result = if applied { "applied" } else { "rejected" };
+        self.identity_reloads.with_label_values(&[result]).inc();
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::with_capacity(8 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(buf).expect("Prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Keeps `mandate_open_connections` up while alive.
+pub struct ConnectionGuard(IntGauge);
+
+impl ConnectionGuard {
+    /// Counts one open connection until dropped.
+    pub fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

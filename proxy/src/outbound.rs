@@ -1,0 +1,266 @@
+//! Outbound: the agent's calls. Works as an explicit HTTP proxy (absolute-form and `CONNECT`), by
+//! `Host` / `:authority`, and as the target of an iptables REDIRECT (`SO_ORIGINAL_DST`). Routed
+//! destinations are reached over mTLS with our SVID; anything else is refused.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::uri::Authority;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::headers::{ProxyBody, json_response};
+use crate::identity::IdentityStore;
+use crate::metrics::{ConnectionGuard, Direction, Metrics};
+use crate::relay;
+use crate::routes::{Route, RouteProtocol, RouteTable, split_host_port};
+use crate::server::{HttpProtocol, serve_http};
+use crate::upstream::{ConnectError, MeshClients, connect_mesh, find_connect_error, mesh_clients};
+
+/// The outbound side of the sidecar.
+pub struct Outbound {
+    routes: Arc<RouteTable>,
+    identity: Arc<IdentityStore>,
+    metrics: Arc<Metrics>,
+    mesh: MeshClients,
+    cancel: CancellationToken,
+}
+
+impl Outbound {
+    /// Outbound side for `routes`.
+    pub fn new(
+        routes: Arc<RouteTable>,
+        identity: Arc<IdentityStore>,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            mesh: mesh_clients(routes.clone(), identity.clone(), metrics.clone()),
+            routes,
+            identity,
+            metrics,
+            cancel,
+        }
+    }
+
+    /// Handles one connection to the outbound listener.
+    pub async fn serve_connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        let _open = ConnectionGuard::new(&self.metrics.outbound.open_connections);
+        let pinned = match redirected_destination(&tcp) {
+            None => None,
+            Some(dst) => match self.routes.find_by_ip(dst) {
+                Some(route) if route.protocol == RouteProtocol::Tcp => {
+                    let route = route.clone();
+                    return self.tunnel(tcp, &route).await;
+                }
+                Some(route) => Some(route.clone()),
+                None => {
+                    tracing::warn!(%peer, destination = %dst, "redirected connection to a destination with no route refused");
+                    return;
+                }
+            },
+        };
+        let cancel = self.cancel.clone();
+        serve_http(tcp, HttpProtocol::Detect, cancel, move |req| {
+            let (this, pinned) = (self.clone(), pinned.clone());
+            async move { Ok::<_, Infallible>(this.handle(req, pinned).await) }
+        })
+        .await;
+    }
+
+    /// Tunnels a plain TCP connection (route `listen=` or redirected) to a TCP route.
+    pub async fn tunnel(&self, mut client: TcpStream, route: &Route) {
+        let _open = ConnectionGuard::new(&self.metrics.outbound.open_connections);
+        let config = self.identity.current().client_tcp.clone();
+        match connect_mesh(route, config, &self.metrics).await {
+            Ok(mut upstream) => splice(&mut client, &mut upstream).await,
+            Err(e) => {
+                tracing::warn!(route = %route.authority(), error = %e, "TCP route unavailable; closing the client connection")
+            }
+        }
+    }
+
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        pinned: Option<Arc<Route>>,
+    ) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let resp = self.route_request(req, pinned).await;
+        self.metrics
+            .request(Direction::Outbound, resp.status(), start.elapsed());
+        resp
+    }
+
+    async fn route_request(
+        &self,
+        req: Request<Incoming>,
+        pinned: Option<Arc<Route>>,
+    ) -> Response<ProxyBody> {
+        let route = match pinned {
+            Some(route) => route,
+            None => {
+                let (host, port) = match destination(&req) {
+                    Ok(dest) => dest,
+                    Err(why) => {
+                        return json_response(
+                            StatusCode::BAD_REQUEST,
+                            &json!({"error": "bad_request", "reason": why}),
+                        );
+                    }
+                };
+                match self.routes.find(&host, port) {
+                    Some(route) => route.clone(),
+                    None => {
+                        let dest = format!("{host}:{port}");
+                        tracing::info!(destination = %dest, "refused: no route");
+                        return json_response(
+                            StatusCode::FORBIDDEN,
+                            &json!({
+                                "error": "denied",
+                                "reason": format!("no route to {dest}: destinations outside the mesh are refused"),
+                                "destination": dest,
+                            }),
+                        );
+                    }
+                }
+            }
+        };
+        if req.method() == Method::CONNECT {
+            return self.connect(req, &route).await;
+        }
+        if route.protocol == RouteProtocol::Tcp {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": "bad_request", "reason": format!(
+                    "{} is an opaque TCP route: use CONNECT or its listen address, not plain HTTP", route.authority()
+                )}),
+            );
+        }
+        let authority =
+            Authority::try_from(route.authority()).expect("route host and port form an authority");
+        let prepared = relay::prepare(req, authority);
+        let client = self.mesh.for_version(prepared.request.version());
+        match relay::send(client, prepared).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                tracing::warn!(route = %route.authority(), error = %e, "upstream failed");
+                match find_connect_error(&e) {
+                    Some(ce) => connect_error_response(ce),
+                    None => json_response(
+                        StatusCode::BAD_GATEWAY,
+                        &json!({"error": "upstream_unavailable", "reason": format!("{e}: {}", error_chain(&e))}),
+                    ),
+                }
+            }
+        }
+    }
+
+    /// `CONNECT`: establish the mTLS stream first so failures get a real status, then splice.
+    async fn connect(&self, req: Request<Incoming>, route: &Route) -> Response<ProxyBody> {
+        let config = self.identity.current().client_tcp.clone();
+        match connect_mesh(route, config, &self.metrics).await {
+            Ok(mut upstream) => {
+                tokio::spawn(async move {
+                    match hyper::upgrade::on(req).await {
+                        Ok(upgraded) => splice(&mut TokioIo::new(upgraded), &mut upstream).await,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "CONNECT client went away before the tunnel opened")
+                        }
+                    }
+                });
+                let mut resp = Response::new(
+                    Either::Right(Full::default()), /* a CONNECT 2xx has no body */
+                );
+                *resp.status_mut() = StatusCode::OK;
+                resp
+            }
+            Err(e) => {
+                tracing::warn!(route = %route.authority(), error = %e, "CONNECT upstream failed");
+                connect_error_response(&e)
+            }
+        }
+    }
+}
+
+async fn splice<A, B>(a: &mut A, b: &mut B)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    if let Err(e) = tokio::io::copy_bidirectional(a, b).await {
+        tracing::debug!(error = %e, "tunnel ended with an error");
+    }
+}
+
+/// The JSON answer for a peer that could not be reached or was not who the route says.
+fn connect_error_response(e: &ConnectError) -> Response<ProxyBody> {
+    let body = match e {
+        ConnectError::IdentityMismatch {
+            expected,
+            presented,
+            ..
+        } => json!({
+            "error": "peer_identity_mismatch",
+            "reason": e.to_string(),
+            "expected": expected,
+            "presented": presented,
+        }),
+        _ => json!({"error": "upstream_unavailable", "reason": e.to_string()}),
+    };
+    json_response(StatusCode::BAD_GATEWAY, &body)
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = Vec::new();
+    let mut current = e.source();
+    while let Some(s) = current {
+        parts.push(s.to_string());
+        current = s.source();
+    }
+    parts.join(": ")
+}
+
+/// Where an explicitly addressed request goes: the URI authority (absolute-form, CONNECT, HTTP/2),
+/// else the `Host` header.
+fn destination(req: &Request<Incoming>) -> Result<(String, u16), String> {
+    let default_port = if req.uri().scheme() == Some(&http::uri::Scheme::HTTPS) {
+        443
+    } else {
+        80
+    };
+    let authority = match req.uri().authority() {
+        Some(a) => a.as_str(),
+        None => req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .ok_or("request names no destination: send absolute-form (via HTTP_PROXY), CONNECT, or a Host header")?,
+    };
+    split_host_port(authority, default_port)
+        .map_err(|why| format!("bad destination {authority:?}: {why}"))
+}
+
+/// The original destination of a connection an iptables REDIRECT sent here, if it was redirected.
+fn redirected_destination(tcp: &TcpStream) -> Option<SocketAddr> {
+    let local = tcp.local_addr().ok()?;
+    let sock = socket2::SockRef::from(tcp);
+    let original = if local.is_ipv4() {
+        sock.original_dst_v4()
+    } else {
+        sock.original_dst_v6()
+    };
+    // No conntrack entry (ENOENT) or one that points at us: the agent addressed the listener itself.
+    original
+        .ok()
+        .and_then(|a| a.as_socket())
+        .filter(|dst| *dst != local)
+}
