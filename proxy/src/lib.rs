@@ -110,10 +110,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             listener,
             cancel.clone(),
             tracker.clone(),
-            move |s, _| {
-                let (o, route) = (o.clone(), route.clone());
-                async move { o.tunnel(s, &route).await }
-            },
+            move |s, _| o.clone().serve_route_listener(s, route.clone()),
         ));
     }
 

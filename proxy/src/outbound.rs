@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -76,9 +75,14 @@ impl Outbound {
         .await;
     }
 
-    /// Tunnels a plain TCP connection (route `listen=` or redirected) to a TCP route.
-    pub async fn tunnel(&self, mut client: TcpStream, route: &Route) {
+    /// Serves a connection accepted on a TCP route's `listen=` address.
+    pub async fn serve_route_listener(self: Arc<Self>, tcp: TcpStream, route: Arc<Route>) {
         let _open = ConnectionGuard::new(&self.metrics.outbound.open_connections);
+        self.tunnel(tcp, &route).await
+    }
+
+    /// Tunnels a plain TCP connection to a TCP route over mTLS.
+    async fn tunnel(&self, mut client: TcpStream, route: &Route) {
         let config = self.identity.current().client_tcp.clone();
         match connect_mesh(route, config, &self.metrics).await {
             Ok(mut upstream) => splice(&mut client, &mut upstream).await,
@@ -145,9 +149,7 @@ impl Outbound {
                 )}),
             );
         }
-        let authority =
-            Authority::try_from(route.authority()).expect("route host and port form an authority");
-        let prepared = relay::prepare(req, authority);
+        let prepared = relay::prepare(req, route.authority.clone());
         let client = self.mesh.for_version(prepared.request.version());
         match relay::send(client, prepared).await {
             Ok(resp) => resp,

@@ -92,6 +92,9 @@ pub struct Route {
     pub protocol: RouteProtocol,
     /// TCP routes only: a local plain listener that tunnels to this route.
     pub listen: Option<SocketAddr>,
+    /// `host:port` as a URI authority, built once: it keys the upstream connection pool.
+    #[serde(skip)]
+    pub authority: http::uri::Authority,
 }
 
 pub(crate) fn serialize_display<S: serde::Serializer, T: fmt::Display>(
@@ -103,8 +106,8 @@ pub(crate) fn serialize_display<S: serde::Serializer, T: fmt::Display>(
 
 impl Route {
     /// `host:port`, the key the route is found by.
-    pub fn authority(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+    pub fn authority(&self) -> &str {
+        self.authority.as_str()
     }
 }
 
@@ -159,7 +162,15 @@ impl FromStr for Route {
                 why: "listen= needs protocol=tcp (HTTP routes are reached through the outbound listener)",
             });
         }
+        let authority = format!("{host}:{port}")
+            .parse()
+            .map_err(|_| RouteError::Destination {
+                route: s.to_owned(),
+                dest: dest.to_owned(),
+                why: "not a valid host name",
+            })?;
         Ok(Route {
+            authority,
             host,
             port,
             addr,
