@@ -1,0 +1,361 @@
+//! Running `mandate-proxy` as a child process.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tokio::process::{Child, Command};
+
+use crate::client::{Collected, get};
+use crate::metrics::Metrics;
+use crate::pki::Svid;
+use crate::{TestEnv, ports};
+
+/// How long a sidecar may take to answer `/readyz` with 200.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Describes a sidecar to start; see [`TestEnv::sidecar`].
+pub struct SidecarBuilder<'a> {
+    env: &'a TestEnv,
+    name: String,
+    svid: Option<Svid>,
+    bundle: Option<PathBuf>,
+    app: Option<SocketAddr>,
+    routes: Vec<String>,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    tcp_listens: usize,
+}
+
+impl<'a> SidecarBuilder<'a> {
+    pub(crate) fn new(env: &'a TestEnv, name: &str) -> Self {
+        Self {
+            env,
+            name: name.to_owned(),
+            svid: None,
+            bundle: None,
+            app: None,
+            routes: Vec::new(),
+            args: Vec::new(),
+            envs: Vec::new(),
+            tcp_listens: 0,
+        }
+    }
+
+    /// Runs with a good SVID for `shorthand` (`agent/NAME`, `service/NAME`) issued by the test CA.
+    pub fn identity(mut self, shorthand: &str) -> Self {
+        self.svid = Some(self.env.pki().issue(shorthand));
+        self
+    }
+
+    /// Runs with this certificate and key.
+    pub fn svid(mut self, svid: Svid) -> Self {
+        self.svid = Some(svid);
+        self
+    }
+
+    /// Trusts this bundle file instead of the test CA's.
+    pub fn bundle(mut self, path: &Path) -> Self {
+        self.bundle = Some(path.to_owned());
+        self
+    }
+
+    /// `--app ADDR`: where inbound traffic goes.
+    pub fn app(mut self, addr: SocketAddr) -> Self {
+        self.app = Some(addr);
+        self
+    }
+
+    /// `--route HOST:PORT=<peer's inbound>,id=<peer's id>`: an HTTP route to a running peer sidecar.
+    pub fn route_to(mut self, host_port: &str, peer: &Sidecar) -> Self {
+        self.routes
+            .push(format!("{host_port}={},id={}", peer.inbound(), peer.id()));
+        self
+    }
+
+    /// `--route SPEC` verbatim.
+    pub fn route(mut self, spec: impl Into<String>) -> Self {
+        self.routes.push(spec.into());
+        self
+    }
+
+    /// `--route HOST:PORT=<peer's inbound>,id=<peer's id>,protocol=tcp,listen=127.0.0.1:<free port>`;
+    /// the chosen listen address is [`Sidecar::tcp_listen`]`(i)` for the i-th such route.
+    pub fn tcp_route_to(self, host_port: &str, peer: &Sidecar) -> Self {
+        let (inbound, id) = (peer.inbound(), peer.id().to_owned());
+        self.tcp_route(host_port, inbound, &id)
+    }
+
+    /// `--route HOST:PORT=ADDR,id=ID,protocol=tcp,listen=127.0.0.1:<free port>`; the listen address is
+    /// [`Sidecar::tcp_listen`]`(i)` for the i-th such route.
+    pub fn tcp_route(mut self, host_port: &str, addr: SocketAddr, id: &str) -> Self {
+        self.routes.push(format!(
+            "{host_port}={addr},id={id},protocol=tcp,listen={{LISTEN{}}}",
+            self.tcp_listens
+        ));
+        self.tcp_listens += 1;
+        self
+    }
+
+    /// An extra command-line argument.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// An extra environment variable.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Writes the identity files, starts the process and waits until `/readyz` answers 200.
+    ///
+    /// When the process exits before it is ready because a port was taken in the meantime, it is started
+    /// again on fresh ports (up to three times).
+    pub async fn spawn(self) -> anyhow::Result<Sidecar> {
+        let bin = crate::bin("mandate-proxy")?;
+        let svid = self
+            .svid
+            .clone()
+            .with_context(|| format!("sidecar {}: no identity given", self.name))?;
+        let dir = self.env.dir().join(&self.name);
+        std::fs::create_dir_all(&dir)?;
+        let cert = dir.join("cert.pem");
+        let key = dir.join("key.pem");
+        std::fs::write(&cert, &svid.cert_pem)?;
+        std::fs::write(&key, &svid.key_pem)?;
+        let bundle = self
+            .bundle
+            .clone()
+            .unwrap_or_else(|| self.env.pki().bundle_path().to_owned());
+
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let outbound = ports::free_addr();
+            let inbound = ports::free_addr();
+            let admin = ports::free_addr();
+            let tcp_listens: Vec<SocketAddr> =
+                (0..self.tcp_listens).map(|_| ports::free_addr()).collect();
+            let log = dir.join(format!("stderr-{attempt}.log"));
+            let log_file = std::fs::File::create(&log)?;
+            let log_name = if attempt == 1 {
+                self.name.clone()
+            } else {
+                format!("{} (attempt {attempt})", self.name)
+            };
+            self.env.logs().register(&log_name, log.clone());
+
+            let mut cmd = Command::new(&bin);
+            cmd.arg("--trust-domain")
+                .arg(crate::pki::TRUST_DOMAIN)
+                .arg("--cert")
+                .arg(&cert)
+                .arg("--key")
+                .arg(&key)
+                .arg("--bundle")
+                .arg(&bundle)
+                .arg("--outbound")
+                .arg(outbound.to_string())
+                .arg("--inbound")
+                .arg(inbound.to_string())
+                .arg("--admin")
+                .arg(admin.to_string())
+                .arg("--workers")
+                .arg("2");
+            if let Some(app) = self.app {
+                cmd.arg("--app").arg(app.to_string());
+            }
+            for route in &self.routes {
+                let mut route = route.clone();
+                for (i, addr) in tcp_listens.iter().enumerate() {
+                    route = route.replace(&format!("{{LISTEN{i}}}"), &addr.to_string());
+                }
+                cmd.arg("--route").arg(route);
+            }
+            cmd.args(&self.args);
+            // Only what this builder says configures the sidecar, never the test runner's environment.
+            for (k, _) in std::env::vars_os() {
+                if k.to_string_lossy().starts_with("MANDATE_") {
+                    cmd.env_remove(&k);
+                }
+            }
+            cmd.env(
+                "MANDATE_LOG",
+                std::env::var("MANDATE_E2E_LOG").unwrap_or_else(|_| "info".to_owned()),
+            );
+            for (k, v) in &self.envs {
+                cmd.env(k, v);
+            }
+            cmd.stdin(Stdio::null())
+                .stdout(log_file.try_clone()?)
+                .stderr(log_file)
+                .kill_on_drop(true);
+            let child = cmd
+                .spawn()
+                .with_context(|| format!("start {}", bin.display()))?;
+            let mut sidecar = Sidecar {
+                name: self.name.clone(),
+                child,
+                svid: svid.clone(),
+                outbound,
+                inbound,
+                admin,
+                tcp_listens,
+                cert: cert.clone(),
+                key: key.clone(),
+                log,
+            };
+            match sidecar.wait_ready().await {
+                Ok(()) => return Ok(sidecar),
+                Err(e) => {
+                    let logs = sidecar.logs().to_ascii_lowercase();
+                    let exited = sidecar.child.try_wait()?.is_some();
+                    if exited && logs.contains("in use") && attempt < 3 {
+                        continue;
+                    }
+                    return Err(e.context(format!("sidecar {} did not become ready", self.name)));
+                }
+            }
+        }
+    }
+}
+
+/// A running `mandate-proxy`; killed when dropped.
+pub struct Sidecar {
+    name: String,
+    child: Child,
+    svid: Svid,
+    outbound: SocketAddr,
+    inbound: SocketAddr,
+    admin: SocketAddr,
+    tcp_listens: Vec<SocketAddr>,
+    cert: PathBuf,
+    key: PathBuf,
+    log: PathBuf,
+}
+
+impl Sidecar {
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("exited with {status} before it was ready");
+            }
+            if let Ok(Ok(resp)) =
+                tokio::time::timeout(Duration::from_secs(2), get(self.admin, "/readyz")).await
+                && resp.status == 200
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("/readyz did not answer 200 within {READY_TIMEOUT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The name given to the builder.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The SPIFFE ID of the SVID it was started with.
+    pub fn id(&self) -> &str {
+        &self.svid.id
+    }
+
+    /// The SVID it was started with.
+    pub fn svid(&self) -> &Svid {
+        &self.svid
+    }
+
+    /// The outbound listener (the agent's explicit proxy).
+    pub fn outbound(&self) -> SocketAddr {
+        self.outbound
+    }
+
+    /// The inbound (mTLS) listener.
+    pub fn inbound(&self) -> SocketAddr {
+        self.inbound
+    }
+
+    /// The admin listener.
+    pub fn admin(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// The `listen=` address of the i-th route added with [`SidecarBuilder::tcp_route_to`].
+    pub fn tcp_listen(&self, i: usize) -> SocketAddr {
+        self.tcp_listens[i]
+    }
+
+    /// The watched certificate file.
+    pub fn cert_path(&self) -> &Path {
+        &self.cert
+    }
+
+    /// The watched key file.
+    pub fn key_path(&self) -> &Path {
+        &self.key
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// Everything it wrote to stdout/stderr so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `GET` an admin path.
+    pub async fn admin_get(&self, path: &str) -> anyhow::Result<Collected> {
+        get(self.admin, path)
+            .await
+            .with_context(|| format!("GET {path} on {}'s admin listener", self.name))
+    }
+
+    /// A scrape of `/metrics`.
+    pub async fn metrics(&self) -> anyhow::Result<Metrics> {
+        let resp = self.admin_get("/metrics").await?;
+        anyhow::ensure!(resp.status == 200, "/metrics answered {}", resp.status);
+        Ok(Metrics(resp.text()))
+    }
+
+    /// `/config`, parsed.
+    pub async fn config(&self) -> anyhow::Result<serde_json::Value> {
+        let resp = self.admin_get("/config").await?;
+        anyhow::ensure!(resp.status == 200, "/config answered {}", resp.status);
+        resp.json()
+    }
+
+    /// Sends SIGTERM.
+    pub fn sigterm(&self) -> anyhow::Result<()> {
+        let pid = self.child.id().context("the sidecar already exited")?;
+        // SAFETY: kill(2) with a pid we spawned and still own (not yet reaped).
+        let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        anyhow::ensure!(rc == 0, "kill: {}", std::io::Error::last_os_error());
+        Ok(())
+    }
+
+    /// Whether the process has exited, without waiting.
+    pub fn try_exit(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait_exit(&mut self) -> anyhow::Result<ExitStatus> {
+        Ok(self.child.wait().await?)
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
