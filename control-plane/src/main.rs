@@ -1,11 +1,13 @@
 //! `mandate`: the Mandate control plane and the operator's command line.
 
 mod ca_cli;
+mod demo;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use mandate_identity::TrustDomain;
 
@@ -23,6 +25,8 @@ enum Command {
     /// Manage a file-based certificate authority for standalone sidecars.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Run a self-contained demo: a tool and an agent, each behind a sidecar, talking over mTLS.
+    Demo(demo::DemoArgs),
 }
 
 /// `mandate ca …`
@@ -111,6 +115,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("  private key (mode 0600): {}", files.key.display());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Demo(args) => demo::run(args).context("demo failed"),
     }
 }
 
