@@ -1,0 +1,154 @@
+//! Command line of `mandate-bench`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Measures the mandate-proxy sidecar pair against a direct call and an nginx mTLS pair.
+#[derive(Debug, Parser)]
+#[command(
+    name = "mandate-bench",
+    version,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// Helper processes the harness starts; without one, run the benchmark.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Benchmark options.
+    #[command(flatten)]
+    pub bench: BenchArgs,
+}
+
+/// Subcommands (used by the harness itself to start its helper processes).
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Runs the upstream app: HTTP/1.1, answers every request with a fixed body.
+    App(AppArgs),
+}
+
+/// Options of the upstream app.
+#[derive(Debug, Args)]
+pub struct AppArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Size of the response body in bytes.
+    #[arg(long, default_value_t = 1024)]
+    pub body_bytes: usize,
+}
+
+/// Which topologies a run measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Only {
+    /// client → app
+    Direct,
+    /// client → mandate-proxy → mTLS → mandate-proxy → app
+    Mandate,
+    /// client → nginx → mTLS → nginx → app
+    Nginx,
+}
+
+/// Options of a benchmark run.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Directory holding the release binaries (mandate-proxy).
+    #[arg(long, default_value = "target/release")]
+    pub bin_dir: PathBuf,
+    /// Markdown report to write (e.g. docs/benchmarks.md); the table is always printed.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Open-loop request rate, requests per second.
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u64,
+    /// Length of the measured open-loop phase (e.g. 20s, 500ms, 1m).
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Open-loop warm-up at the same rate before measuring, discarded.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// Keep-alive connections the open-loop phase spreads its requests over.
+    #[arg(long, default_value_t = 32)]
+    pub connections: usize,
+    /// Concurrent connections of the closed-loop saturation phase.
+    #[arg(long, default_value_t = 64)]
+    pub sat_connections: usize,
+    /// Length of the saturation phase.
+    #[arg(long, default_value = "8s", value_parser = parse_duration)]
+    pub sat_duration: Duration,
+    /// Worker threads of each mandate-proxy and worker processes of each nginx (the same for fairness).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Do not measure the nginx pair.
+    #[arg(long)]
+    pub skip_nginx: bool,
+    /// Do not try `apt-get install nginx` when nginx is missing.
+    #[arg(long)]
+    pub no_install: bool,
+    /// nginx binary to use instead of looking in PATH and /usr/sbin.
+    #[arg(long)]
+    pub nginx: Option<PathBuf>,
+    /// CPUs (taskset list) for both proxies of a pair.
+    #[arg(long, default_value = "1")]
+    pub cpus_proxy: String,
+    /// CPUs (taskset list) for the load generator and the upstream app.
+    #[arg(long, default_value = "0")]
+    pub cpus_load: String,
+    /// Measure only these topologies (comma-separated); direct is always measured as the baseline.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<Only>,
+    /// Keep the temporary directory (certificates, configs, logs) for inspection.
+    #[arg(long)]
+    pub keep_tmp: bool,
+}
+
+impl BenchArgs {
+    /// Whether topology `t` is part of this run.
+    pub fn wants(&self, t: Only) -> bool {
+        if t == Only::Nginx && self.skip_nginx {
+            return false;
+        }
+        t == Only::Direct || self.only.is_empty() || self.only.contains(&t)
+    }
+}
+
+/// Parses `20s`, `500ms`, `2m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: use e.g. 20s, 500ms or 2m"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!(
+            "{s:?} is not a duration: it must be a positive number"
+        ));
+    }
+    Ok(Duration::from_secs_f64(v * scale))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("20s").unwrap(), Duration::from_secs(20));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}

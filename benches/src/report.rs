@@ -1,0 +1,626 @@
+//! The comparison table (terminal) and `docs/benchmarks.md`.
+
+use std::fmt::Write as _;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::cli::BenchArgs;
+use crate::topology::{Kind, Measured, ProcResult, Status, TopologyResult};
+
+/// Issue target: p99 the pair may add over a direct call at 1000 req/s, in ms.
+pub const TARGET_ADDED_P99_MS: f64 = 0.3;
+/// Issue target: a sidecar's RSS when idle, in MiB.
+pub const TARGET_RSS_IDLE_MIB: f64 = 20.0;
+/// Issue target: a sidecar's RSS at 1000 req/s, in MiB.
+pub const TARGET_RSS_RATE_MIB: f64 = 40.0;
+/// The request rate the issue's latency and memory targets are stated at.
+pub const TARGET_RATE: u64 = 1000;
+
+/// Share of a core used by other programs above which a run's figures are called distorted.
+const NOISY_PCT: f64 = 5.0;
+
+/// Facts about the machine the run happened on.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    /// Online CPUs.
+    pub nproc: usize,
+    /// CPU model from /proc/cpuinfo.
+    pub cpu_model: String,
+    /// Kernel release.
+    pub kernel: String,
+    /// Total memory, GiB.
+    pub mem_gib: f64,
+    /// Start of the run, RFC 3339 UTC.
+    pub date: String,
+    /// `git describe` of the working tree, when available.
+    pub git: Option<String>,
+}
+
+impl Machine {
+    /// Reads the facts from /proc and the environment.
+    pub fn collect() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                (k.trim() == "model name").then(|| v.trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown".to_owned());
+        let mem_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0);
+        let git = Command::new("git")
+            .args(["describe", "--always", "--dirty"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+        Self {
+            nproc: crate::procs::online_cpus(),
+            cpu_model,
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_else(|_| "unknown".to_owned()),
+            mem_gib: mem_kib as f64 / 1024.0 / 1024.0,
+            date: time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            git,
+        }
+    }
+}
+
+/// Everything the report shows.
+pub struct Report {
+    /// Machine facts.
+    pub machine: Machine,
+    /// Options of the run.
+    pub args: BenchArgs,
+    /// The command line as invoked.
+    pub command: String,
+    /// CPUs of the proxies.
+    pub cpus_proxy: Vec<usize>,
+    /// CPUs of the load generator and app.
+    pub cpus_load: Vec<usize>,
+    /// How pinning was applied.
+    pub pinning: String,
+    /// Per topology.
+    pub results: Vec<TopologyResult>,
+    /// How the app was started.
+    pub app_command: String,
+    /// Wall time of the whole run.
+    pub wall: Duration,
+}
+
+impl Report {
+    fn measured(&self, kind: Kind) -> Option<&Measured> {
+        self.results.iter().find_map(|r| match &r.status {
+            Status::Done(m) if r.kind == kind => Some(&**m),
+            _ => None,
+        })
+    }
+
+    /// p99 of `kind` minus direct p99, ms.
+    fn added_p99(&self, kind: Kind) -> Option<f64> {
+        let base = self.measured(Kind::Direct)?;
+        let m = self.measured(kind)?;
+        Some(m.open.ms(0.99) - base.open.ms(0.99))
+    }
+}
+
+fn cpus(c: &[usize]) -> String {
+    c.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn errors_of(m: &Measured) -> u64 {
+    m.warmup_errors + m.open.errors.total() + m.sat.errors.total()
+}
+
+/// Per-proxy figures joined as "A x / B y".
+fn per_proc(m: &Measured, f: impl Fn(&ProcResult) -> f64) -> String {
+    if m.procs.is_empty() {
+        return "–".to_owned();
+    }
+    m.procs
+        .iter()
+        .map(|p| format!("{} {:.1}", role(&p.name), f(p)))
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+/// "A" or "B" from a process name like `sidecar-A-outbound`.
+fn role(name: &str) -> &'static str {
+    if name.contains("-A-") { "A" } else { "B" }
+}
+
+fn cpu_us_per_req(cpu_s: f64, m: &Measured, sat: bool) -> f64 {
+    let reqs = if sat {
+        m.sat.ok + m.sat.errors.total()
+    } else {
+        m.open.ok + m.open.errors.total()
+    };
+    cpu_s * 1e6 / reqs.max(1) as f64
+}
+
+/// One row of the main table, as cells.
+fn row(r: &Report, t: &TopologyResult) -> Vec<String> {
+    let label = t.kind.label().to_owned();
+    match &t.status {
+        Status::Done(m) => {
+            let errs = errors_of(m);
+            let flag = if errs > 0 || !m.crashed.is_empty() {
+                " ⚠"
+            } else {
+                ""
+            };
+            vec![
+                format!("{label}{flag}"),
+                format!("{:.3}", m.open.ms(0.5)),
+                format!("{:.3}", m.open.ms(0.99)),
+                format!("{:.3}", m.open.ms(0.999)),
+                match (t.kind, r.added_p99(t.kind)) {
+                    (Kind::Direct, _) | (_, None) => "–".to_owned(),
+                    (_, Some(v)) => format!("{v:+.3}"),
+                },
+                format!("{:.0}", m.open.throughput()),
+                errs.to_string(),
+                format!("{:.0}", m.sat.throughput()),
+                format!("{:.2} / {:.2}", m.sat.ms(0.5), m.sat.ms(0.99)),
+                per_proc(m, |p| p.idle.rss_mib()),
+                per_proc(m, |p| p.rate_max.rss_mib()),
+                per_proc(m, |p| p.after_sat.hwm_mib()),
+                per_proc(m, |p| cpu_us_per_req(p.cpu_rate_s, m, false)),
+            ]
+        }
+        Status::Skipped(why) => vec![label, format!("skipped: {why}")],
+        Status::Failed(why) => vec![
+            label,
+            format!("FAILED: {}", why.lines().next().unwrap_or("")),
+        ],
+    }
+}
+
+fn headers(r: &Report) -> Vec<String> {
+    [
+        "topology",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "added p99 ms",
+        "achieved req/s",
+        "errors",
+        "saturation req/s",
+        "sat p50/p99 ms",
+        "RSS idle MiB",
+        &format!("RSS @{} req/s MiB", r.args.rate),
+        "peak RSS MiB",
+        "CPU µs/req",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect()
+}
+
+/// The comparison table for the terminal.
+pub fn terminal_table(r: &Report) -> String {
+    let head = headers(r);
+    let rows: Vec<Vec<String>> = r.results.iter().map(|t| row(r, t)).collect();
+    let mut widths: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        // Skipped/failed rows have one long cell; do not let it widen the second column.
+        if row.len() == head.len() {
+            for (w, c) in widths.iter_mut().zip(row) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}", w = *w))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nmandate-bench: {} req/s open loop for {:?} ({} conns), saturation {} conns for {:?}; \
+         proxies on CPU {}, load+app on CPU {}, {} worker(s) per proxy",
+        r.args.rate,
+        r.args.duration,
+        r.args.connections,
+        r.args.sat_connections,
+        r.args.sat_duration,
+        cpus(&r.cpus_proxy),
+        cpus(&r.cpus_load),
+        r.args.workers
+    );
+    let _ = writeln!(out, "{}", line(&head));
+    let _ = writeln!(
+        out,
+        "{}",
+        widths
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .join("-+-")
+    );
+    for row in &rows {
+        if row.len() == head.len() {
+            let _ = writeln!(out, "{}", line(row));
+        } else {
+            let _ = writeln!(out, "{}", row.join(" | "));
+        }
+    }
+    out.push('\n');
+    for t in &r.results {
+        if let Status::Done(m) = &t.status {
+            let worst = m.noise_rate.other_pct.max(m.noise_sat.other_pct);
+            if worst > NOISY_PCT {
+                let _ = writeln!(
+                    out,
+                    "warning: {}: other programs used up to {worst:.0}% of a core on the benchmark's CPUs; \
+                     its figures are distorted",
+                    t.kind.label()
+                );
+            }
+        }
+    }
+    for (name, measured, target, verdict) in targets(r) {
+        let _ = writeln!(out, "target: {name} ({target}): {measured} → {verdict}");
+    }
+    out
+}
+
+/// The issue's targets: (name, measured, target, verdict).
+fn targets(r: &Report) -> Vec<(String, String, String, String)> {
+    let mut t = Vec::new();
+    let at_rate = if r.args.rate == TARGET_RATE {
+        format!("at {TARGET_RATE} req/s")
+    } else {
+        format!(
+            "at {} req/s (target is stated at {TARGET_RATE})",
+            r.args.rate
+        )
+    };
+    let mandate = r.measured(Kind::Mandate);
+    let nginx = r.measured(Kind::Nginx);
+    let verdict = |ok: bool, m: &Measured| {
+        if errors_of(m) > 0 {
+            "FAIL (run had errors)".to_owned()
+        } else if ok {
+            "pass".to_owned()
+        } else {
+            "FAIL".to_owned()
+        }
+    };
+    let na = |why: &str| ("n/a".to_owned(), format!("not measured ({why})"));
+
+    let (measured, v) = match (mandate, r.added_p99(Kind::Mandate)) {
+        (Some(m), Some(added)) => {
+            let nginx_note = r
+                .added_p99(Kind::Nginx)
+                .map(|n| format!(" (nginx pair: {n:+.3} ms)"))
+                .unwrap_or_default();
+            (
+                format!("{added:+.3} ms{nginx_note}"),
+                verdict(added <= TARGET_ADDED_P99_MS, m),
+            )
+        }
+        _ => na("mandate pair or direct missing"),
+    };
+    t.push((
+        format!("added p99 over direct, mandate pair, {at_rate}"),
+        measured,
+        format!("≤ {TARGET_ADDED_P99_MS} ms"),
+        v,
+    ));
+
+    let (measured, v) = match (mandate, nginx) {
+        (Some(m), Some(n)) => (
+            format!(
+                "{:.0} vs {:.0} req/s ({:.2}×)",
+                m.sat.throughput(),
+                n.sat.throughput(),
+                m.sat.throughput() / n.sat.throughput().max(1e-9)
+            ),
+            verdict(m.sat.throughput() >= n.sat.throughput(), m),
+        ),
+        (Some(_), None) => na("nginx pair missing"),
+        _ => na("mandate pair missing"),
+    };
+    t.push((
+        "saturation throughput, mandate pair vs nginx pair".to_owned(),
+        measured,
+        "≥ nginx".to_owned(),
+        v,
+    ));
+
+    for (what, limit, pick) in [
+        (
+            "sidecar RSS idle (each)".to_owned(),
+            TARGET_RSS_IDLE_MIB,
+            (|p: &ProcResult| p.idle.rss_mib()) as fn(&ProcResult) -> f64,
+        ),
+        (
+            format!("sidecar RSS {at_rate} (each; largest sample during the phase)"),
+            TARGET_RSS_RATE_MIB,
+            |p: &ProcResult| p.rate_max.rss_mib(),
+        ),
+    ] {
+        let (measured, v) = match mandate {
+            Some(m) => {
+                let worst = m.procs.iter().map(pick).fold(0.0, f64::max);
+                (
+                    format!("{} MiB", per_proc(m, pick)),
+                    if worst <= limit {
+                        "pass".to_owned()
+                    } else {
+                        "FAIL".to_owned()
+                    },
+                )
+            }
+            None => na("mandate pair missing"),
+        };
+        t.push((what, measured, format!("≤ {limit} MiB"), v));
+    }
+    t
+}
+
+fn md_row(cells: &[String]) -> String {
+    format!("| {} |", cells.join(" | "))
+}
+
+fn md_sep(n: usize) -> String {
+    format!("|{}", "---|".repeat(n))
+}
+
+/// The whole of `docs/benchmarks.md`.
+pub fn markdown(r: &Report) -> String {
+    let mut s = String::new();
+    let a = &r.args;
+    let m = &r.machine;
+    let _ = writeln!(
+        s,
+        "# Benchmarks\n\n\
+         This file is generated by `make bench` (`mandate-bench`); edit the harness in `benches/`, not \
+         this file — each run rewrites it whole. Sections below are filled by the benchmarks that exist \
+         so far; later ones (policy evaluation, delegation) get their own sections.\n"
+    );
+    let _ = writeln!(
+        s,
+        "## Data path: mandate-proxy pair vs direct vs nginx pair\n"
+    );
+    let _ = writeln!(s, "### Run\n");
+    let _ = writeln!(
+        s,
+        "- Date: {} (wall time of the run {:.0} s)",
+        m.date,
+        r.wall.as_secs_f64()
+    );
+    let _ = writeln!(
+        s,
+        "- Command: `{}` (what `make bench` runs after `cargo build --release --workspace --bins`)",
+        r.command
+    );
+    if let Some(g) = &m.git {
+        let _ = writeln!(s, "- Source: `{g}`");
+    }
+    let _ = writeln!(
+        s,
+        "- Machine: {} CPUs ({}), {:.1} GiB RAM, Linux {}",
+        m.nproc, m.cpu_model, m.mem_gib, m.kernel
+    );
+    let _ = writeln!(
+        s,
+        "- CPU pinning ({}): both proxies of a pair on CPU {}; load generator and upstream app on CPU {} \
+         (`--cpus-proxy {}` `--cpus-load {}`). Each proxy runs {} worker thread(s) / worker process(es) \
+         (`--workers {}`), so each pair gets the same cores and the same parallelism.",
+        r.pinning,
+        cpus(&r.cpus_proxy),
+        cpus(&r.cpus_load),
+        a.cpus_proxy,
+        a.cpus_load,
+        a.workers,
+        a.workers
+    );
+    let _ = writeln!(
+        s,
+        "- Load: open loop at {} req/s for {:.0} s over {} keep-alive connections after a {:.0} s \
+         warm-up at the same rate; then closed-loop saturation with {} connections for {:.0} s. \
+         HTTP/1.1 `GET`, 1 KiB response body.",
+        a.rate,
+        a.duration.as_secs_f64(),
+        a.connections,
+        a.warmup.as_secs_f64(),
+        a.sat_connections,
+        a.sat_duration.as_secs_f64()
+    );
+    let _ = writeln!(s, "- Upstream app: `{}`", r.app_command);
+    for t in &r.results {
+        if let Status::Done(meas) = &t.status {
+            for f in meas.facts.iter().filter(|f| !f.is_empty()) {
+                let _ = writeln!(s, "- {}: {f}", t.kind.label());
+            }
+        }
+    }
+
+    let _ = writeln!(s, "\n### Topologies\n");
+    let _ = writeln!(
+        s,
+        "- **direct**: load generator → app.\n\
+         - **mandate-proxy pair**: load generator → sidecar A outbound listener (explicit proxy, \
+         `GET http://tool:8080/`) → mTLS (SVIDs from `mandate_identity::ca`, A verifies B presents \
+         `spiffe://mandate.local/service/tool`) → sidecar B inbound → app. Route \
+         `--route tool:8080=<B inbound>,id=spiffe://mandate.local/service/tool`, `MANDATE_LOG=warn`.\n\
+         - **nginx pair**: load generator → nginx A (plain HTTP, `Host: tool:8080`) → `proxy_pass https` \
+         with a client certificate, `proxy_ssl_verify on` against the same CA (by a DNS SAN: nginx cannot \
+         check SPIFFE URI SANs) → nginx B (`ssl_verify_client on`) → app. Keep-alive upstream pools on \
+         both hops (`keepalive 64`, HTTP/1.1, `Connection \"\"`), `access_log off`, keep-alive request \
+         limits raised so no connection is recycled mid-run; B stamps an `x-forwarded-client-cert`-like \
+         header as sidecar B does."
+    );
+
+    let _ = writeln!(s, "\n### Results\n");
+    let head = headers(r);
+    let _ = writeln!(s, "{}", md_row(&head));
+    let _ = writeln!(s, "{}", md_sep(head.len()));
+    for t in &r.results {
+        let mut cells = row(r, t);
+        cells.resize(head.len(), String::new());
+        let _ = writeln!(s, "{}", md_row(&cells));
+    }
+    let _ = writeln!(
+        s,
+        "\nLatencies of the fixed-rate phase are measured from each request's *intended* send time \
+         (coordinated-omission corrected); \"added p99\" is the topology's p99 minus direct's p99. \
+         RSS and CPU columns are per proxy (A = caller side, B = app side); nginx figures sum the \
+         master and its workers. \"peak RSS\" is VmHWM after saturation. ⚠ marks a run with errors \
+         (non-200 responses, transport errors or timeouts) or a proxy that died.\n"
+    );
+
+    let _ = writeln!(s, "### Targets\n");
+    let _ = writeln!(
+        s,
+        "| target | limit | measured | result |\n|---|---|---|---|"
+    );
+    for (name, measured, target, verdict) in targets(r) {
+        let _ = writeln!(s, "| {name} | {target} | {measured} | **{verdict}** |");
+    }
+
+    let _ = writeln!(s, "\n### Per process\n");
+    let _ = writeln!(
+        s,
+        "| process | CPUs allowed | RSS idle | RSS idle after warm-up | RSS end of rate phase | \
+         RSS max in rate phase | VmHWM after rate phase | VmHWM after saturation | PSS end of rate phase | \
+         CPU in rate phase | CPU in saturation |\n{}",
+        md_sep(11)
+    );
+    for t in &r.results {
+        let Status::Done(meas) = &t.status else {
+            continue;
+        };
+        for p in &meas.procs {
+            let rate_secs = meas.open.elapsed.as_secs_f64().max(1e-9);
+            let sat_secs = meas.sat.elapsed.as_secs_f64().max(1e-9);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | \
+                 {:.0}% of a core, {:.0} µs/req | {:.0}% of a core, {:.1} µs/req |",
+                p.name,
+                p.cpus_allowed,
+                p.idle.rss_mib(),
+                p.idle_after_warmup.rss_mib(),
+                p.rate_end.rss_mib(),
+                p.rate_max.rss_mib(),
+                p.after_rate.hwm_mib(),
+                p.after_sat.hwm_mib(),
+                p.rate_end.pss_mib(),
+                p.cpu_rate_s / rate_secs * 100.0,
+                cpu_us_per_req(p.cpu_rate_s, meas, false),
+                p.cpu_sat_s / sat_secs * 100.0,
+                cpu_us_per_req(p.cpu_sat_s, meas, true),
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\nCPU is user+system time from `/proc/PID/stat` (10 ms ticks) over the phase. \
+         Commands as started:\n"
+    );
+    for t in &r.results {
+        if let Status::Done(meas) = &t.status {
+            for p in &meas.procs {
+                let _ = writeln!(s, "- `{}`", p.command_line);
+            }
+        }
+    }
+
+    let _ = writeln!(s, "\n### Load generator health\n");
+    let _ = writeln!(
+        s,
+        "How late the generator itself sent requests after their intended time (fixed-rate phase), and \
+         the CPU the load side (generator + app, CPU {}) used. A large send lag or a load side near 100% \
+         of its core means the figures are bounded by the client, not the proxies. \"Other programs' CPU\" \
+         is busy time on the benchmark's CPUs (/proc/stat) not used by the benchmark's own processes, in \
+         percent of one core: anything above a few percent means the machine was shared and the \
+         latency tails are not to be trusted.\n",
+        cpus(&r.cpus_load)
+    );
+    let _ = writeln!(
+        s,
+        "| topology | send lag p50 / p99 / max µs | load-side CPU, rate phase | load-side CPU, saturation | \
+         other programs' CPU, rate / saturation | steal, rate / saturation | load avg | \
+         errors (warm-up / rate / saturation) | first errors |\n{}",
+        md_sep(9)
+    );
+    for t in &r.results {
+        let Status::Done(meas) = &t.status else {
+            continue;
+        };
+        let lag = &meas.open.send_lag;
+        let samples: Vec<String> = meas
+            .open
+            .errors
+            .samples
+            .iter()
+            .chain(&meas.sat.errors.samples)
+            .map(|e| e.replace('|', "\\|").replace('\n', " "))
+            .collect();
+        let _ = writeln!(
+            s,
+            "| {} | {} / {} / {} | {:.0}% | {:.0}% | {:.0}% / {:.0}% | {:.1}% / {:.1}% | {:.2} | {} / {} / {} | {} |",
+            t.kind.label(),
+            lag.value_at_quantile(0.5),
+            lag.value_at_quantile(0.99),
+            lag.max(),
+            meas.load_cpu_rate_s / meas.open.elapsed.as_secs_f64().max(1e-9) * 100.0,
+            meas.load_cpu_sat_s / meas.sat.elapsed.as_secs_f64().max(1e-9) * 100.0,
+            meas.noise_rate.other_pct,
+            meas.noise_sat.other_pct,
+            meas.noise_rate.steal_pct,
+            meas.noise_sat.steal_pct,
+            meas.noise_sat.loadavg,
+            meas.warmup_errors,
+            meas.open.errors.total(),
+            meas.sat.errors.total(),
+            if samples.is_empty() {
+                "–".to_owned()
+            } else {
+                samples.join("; ")
+            }
+        );
+        for c in &meas.crashed {
+            let _ = writeln!(
+                s,
+                "\n**{} died during the run:** `{}`",
+                t.kind.label(),
+                c.replace('\n', " ")
+            );
+        }
+    }
+    for t in &r.results {
+        match &t.status {
+            Status::Skipped(why) => {
+                let _ = writeln!(s, "\n**{} skipped:** {why}", t.kind.label());
+            }
+            Status::Failed(why) => {
+                let _ = writeln!(s, "\n**{} failed:**\n\n```\n{why}\n```", t.kind.label());
+            }
+            Status::Done(_) => {}
+        }
+    }
+
+    let _ = writeln!(
+        s,
+        "\n## Policy evaluation\n\n_Not measured yet: the policy engine benchmarks are added with the \
+         policy issue._\n\n## Delegation verification\n\n_Not measured yet: the delegation-token \
+         benchmarks are added with the delegation issue._"
+    );
+    s
+}

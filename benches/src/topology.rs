@@ -1,0 +1,457 @@
+//! Orchestration: start each topology, drive its load phases, collect the figures, write the report.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use http::{HeaderValue, Uri};
+
+use crate::certs::{self, Certs};
+use crate::cli::{BenchArgs, Only};
+use crate::loadgen::{self, Outcome, Target};
+use crate::procs::{self, Child, Pinner, Spawn, TempDir};
+use crate::report::{self, Machine, Report};
+use crate::rss::{self, Mem, Sampler};
+use crate::{mandate, nginx};
+
+/// Response body size of the upstream app.
+pub const BODY_BYTES: usize = 1024;
+/// The destination the client addresses in the proxied topologies.
+pub const TOOL_AUTHORITY: &str = "tool:8080";
+/// Pause after start (and after warm-up) before reading "idle" memory, so start-up work has finished.
+const SETTLE: Duration = Duration::from_secs(1);
+/// How often memory is sampled during the fixed-rate phase.
+const SAMPLE_EVERY: Duration = Duration::from_millis(500);
+
+/// The topologies, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// client → app.
+    Direct,
+    /// client → sidecar A → mTLS → sidecar B → app.
+    Mandate,
+    /// client → nginx A → mTLS → nginx B → app.
+    Nginx,
+}
+
+impl Kind {
+    /// Short name for tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct",
+            Kind::Mandate => "mandate-proxy pair",
+            Kind::Nginx => "nginx pair",
+        }
+    }
+}
+
+/// Why a topology could not be measured; the caller reports "skipped" and "failed" differently.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A prerequisite is missing (binary not built, nginx not installable): reported as skipped.
+    #[error("{0}")]
+    Unavailable(String),
+    /// It started but does not work: reported as failed.
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+/// What every topology's start-up needs.
+pub struct Env<'a> {
+    /// Benchmark options.
+    pub args: &'a BenchArgs,
+    /// Scratch directory for configs and logs.
+    pub tmp: &'a Path,
+    /// Certificates for both pairs.
+    pub certs: &'a Certs,
+    /// The upstream app's address.
+    pub app: SocketAddr,
+    /// CPUs of the proxies.
+    pub cpus_proxy: &'a [usize],
+    /// CPUs of the load generator and app.
+    pub cpus_load: &'a [usize],
+    /// How to pin.
+    pub pinner: &'a Pinner,
+}
+
+/// A started topology, ready for load; its processes stop when it is dropped.
+pub struct Running {
+    /// Where the load goes.
+    pub target: Target,
+    /// The proxy processes to measure, caller side first.
+    pub procs: Vec<Child>,
+    /// Versions and other facts for the report.
+    pub facts: Vec<String>,
+}
+
+/// Memory and CPU of one proxy process (tree) over the phases.
+#[derive(Debug, Clone)]
+pub struct ProcResult {
+    /// Role, e.g. "sidecar A (outbound)".
+    pub name: String,
+    /// How it was started.
+    pub command_line: String,
+    /// Cpus_allowed_list as the kernel reports it.
+    pub cpus_allowed: String,
+    /// After start, the readiness probe and a settle pause.
+    pub idle: Mem,
+    /// After the warm-up and a settle pause.
+    pub idle_after_warmup: Mem,
+    /// Last sample taken while the fixed-rate phase ran.
+    pub rate_end: Mem,
+    /// Sample with the largest RSS during the fixed-rate phase.
+    pub rate_max: Mem,
+    /// Right after the fixed-rate phase (its VmHWM is the peak so far).
+    pub after_rate: Mem,
+    /// Right after saturation.
+    pub after_sat: Mem,
+    /// CPU seconds used during the fixed-rate phase.
+    pub cpu_rate_s: f64,
+    /// CPU seconds used during saturation.
+    pub cpu_sat_s: f64,
+}
+
+/// Everything measured for one topology.
+#[derive(Debug, Clone)]
+pub struct Measured {
+    /// Failed requests during the warm-up.
+    pub warmup_errors: u64,
+    /// The fixed-rate phase.
+    pub open: Outcome,
+    /// The saturation phase.
+    pub sat: Outcome,
+    /// Per proxy process.
+    pub procs: Vec<ProcResult>,
+    /// CPU seconds of the load generator plus app during the fixed-rate phase.
+    pub load_cpu_rate_s: f64,
+    /// CPU seconds of the load generator plus app during saturation.
+    pub load_cpu_sat_s: f64,
+    /// Activity of other programs during the fixed-rate phase.
+    pub noise_rate: Noise,
+    /// Activity of other programs during saturation.
+    pub noise_sat: Noise,
+    /// Proxies that died during the run.
+    pub crashed: Vec<String>,
+    /// Versions and other facts.
+    pub facts: Vec<String>,
+}
+
+/// CPU the benchmark did not use itself on the CPUs it runs on: a busy machine distorts the figures.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Noise {
+    /// CPU used by other programs on the benchmark's CPUs, percent of one core.
+    pub other_pct: f64,
+    /// Time stolen by the hypervisor on those CPUs, percent of one core.
+    pub steal_pct: f64,
+    /// 1-minute load average at the end of the phase.
+    pub loadavg: f64,
+}
+
+impl Noise {
+    fn between(before: Snapshot, after: Snapshot, secs: f64) -> Self {
+        let d = after.cpu - before.cpu;
+        let ours = after.ours - before.ours;
+        let secs = secs.max(1e-9);
+        Self {
+            other_pct: ((d.busy_s - ours) / secs * 100.0).max(0.0),
+            steal_pct: d.steal_s / secs * 100.0,
+            loadavg: rss::loadavg(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Snapshot {
+    cpu: rss::CpuTimes,
+    ours: f64,
+}
+
+/// How a topology's run ended.
+#[derive(Debug, Clone)]
+pub enum Status {
+    /// Measured.
+    Done(Box<Measured>),
+    /// Not measured because a prerequisite is missing or it was not selected.
+    Skipped(String),
+    /// Started but broke.
+    Failed(String),
+}
+
+/// One topology's result.
+#[derive(Debug, Clone)]
+pub struct TopologyResult {
+    /// Which topology.
+    pub kind: Kind,
+    /// What happened.
+    pub status: Status,
+}
+
+/// Runs the whole benchmark and writes the report.
+pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
+    // Collected before pinning: the machine facts must describe the machine, not our CPU mask.
+    let machine = Machine::collect();
+    let cpus_proxy = procs::parse_cpu_list(&args.cpus_proxy).context("--cpus-proxy")?;
+    let cpus_load = procs::parse_cpu_list(&args.cpus_load).context("--cpus-load")?;
+    for &c in cpus_proxy.iter().chain(&cpus_load) {
+        if c >= machine.nproc {
+            bail!(
+                "CPU {c} does not exist: this machine has {} CPUs (0-{})",
+                machine.nproc,
+                machine.nproc - 1
+            );
+        }
+    }
+    if args.rate == 0 || args.connections == 0 || args.sat_connections == 0 || args.workers == 0 {
+        bail!("--rate, --connections, --sat-connections and --workers must be at least 1");
+    }
+    // Threads started from here on (runtime, pacer, sampler) inherit the load CPUs.
+    procs::pin_current_thread(&cpus_load)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let started = Instant::now();
+    let results = rt.block_on(run_all(args, &cpus_proxy, &cpus_load))?;
+    let report = Report {
+        machine,
+        args: args.clone(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        cpus_proxy,
+        cpus_load,
+        pinning: Pinner::new().describe().to_owned(),
+        results: results.topologies,
+        app_command: results.app_command,
+        wall: started.elapsed(),
+    };
+    println!("{}", report::terminal_table(&report));
+    if let Some(path) = &args.report {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, report::markdown(&report))
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    let failed: Vec<_> = report
+        .results
+        .iter()
+        .filter(|r| matches!(r.status, Status::Failed(_)))
+        .map(|r| r.kind.label())
+        .collect();
+    if !failed.is_empty() {
+        bail!("topologies failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+struct RunAll {
+    topologies: Vec<TopologyResult>,
+    app_command: String,
+}
+
+async fn run_all(
+    args: &BenchArgs,
+    cpus_proxy: &[usize],
+    cpus_load: &[usize],
+) -> anyhow::Result<RunAll> {
+    let tmp = TempDir::new(args.keep_tmp)?;
+    let certs = certs::mint(&tmp.path().join("certs"))?;
+    let pinner = Pinner::new();
+    let app_addr = procs::free_port()?;
+    let exe = std::env::current_exe().context("locating our own binary for the app process")?;
+    let mut app = Child::spawn(
+        &pinner,
+        Spawn {
+            name: "app",
+            program: &exe,
+            args: vec![
+                "app".into(),
+                "--listen".into(),
+                app_addr.to_string().into(),
+                "--body-bytes".into(),
+                BODY_BYTES.to_string().into(),
+            ],
+            cpus: cpus_load,
+            env: vec![],
+            log_dir: tmp.path(),
+        },
+    )?;
+    app.wait_for_port(app_addr, Duration::from_secs(10))?;
+    let env = Env {
+        args,
+        tmp: tmp.path(),
+        certs: &certs,
+        app: app_addr,
+        cpus_proxy,
+        cpus_load,
+        pinner: &pinner,
+    };
+
+    let mut topologies = Vec::new();
+    for (kind, only) in [
+        (Kind::Direct, Only::Direct),
+        (Kind::Mandate, Only::Mandate),
+        (Kind::Nginx, Only::Nginx),
+    ] {
+        let status = if !args.wants(only) {
+            Status::Skipped(if only == Only::Nginx && args.skip_nginx {
+                "--skip-nginx".to_owned()
+            } else {
+                "not selected (--only)".to_owned()
+            })
+        } else {
+            eprintln!("== {}: starting", kind.label());
+            let started = match kind {
+                Kind::Direct => Ok(direct(&env)),
+                Kind::Mandate => mandate::start(&env).await,
+                Kind::Nginx => nginx::start(&env).await,
+            };
+            match started {
+                Err(SetupError::Unavailable(reason)) => Status::Skipped(reason),
+                Err(SetupError::Failed(e)) => Status::Failed(format!("{e:#}")),
+                Ok(mut running) => match phases(kind, &mut running, &env, app.pid()).await {
+                    Ok(m) => Status::Done(Box::new(m)),
+                    Err(e) => Status::Failed(format!("{e:#}")),
+                },
+            }
+        };
+        match &status {
+            Status::Skipped(r) => eprintln!("== {}: skipped: {r}", kind.label()),
+            Status::Failed(r) => eprintln!("== {}: FAILED: {r}", kind.label()),
+            Status::Done(_) => eprintln!("== {}: done", kind.label()),
+        }
+        topologies.push(TopologyResult { kind, status });
+    }
+    app.check_alive()
+        .context("the upstream app died during the run")?;
+    Ok(RunAll {
+        topologies,
+        app_command: app.command_line.clone(),
+    })
+}
+
+/// The baseline: the client talks to the app itself.
+fn direct(env: &Env<'_>) -> Running {
+    Running {
+        target: Target {
+            connect: env.app,
+            uri: Uri::from_static("/"),
+            host: HeaderValue::from_static(TOOL_AUTHORITY),
+            expect_body: Some(BODY_BYTES),
+        },
+        procs: vec![],
+        facts: vec![],
+    }
+}
+
+/// Builds an argument vector from displayable parts.
+pub fn os_args<I, S>(parts: I) -> Vec<OsString>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<OsString>,
+{
+    parts.into_iter().map(Into::into).collect()
+}
+
+/// Probe, idle memory, warm-up, fixed-rate phase, saturation.
+async fn phases(
+    kind: Kind,
+    r: &mut Running,
+    env: &Env<'_>,
+    app_pid: u32,
+) -> anyhow::Result<Measured> {
+    let args = env.args;
+    let label = kind.label();
+    let mut bench_cpus: Vec<usize> = env
+        .cpus_proxy
+        .iter()
+        .chain(env.cpus_load)
+        .copied()
+        .collect();
+    bench_cpus.sort_unstable();
+    bench_cpus.dedup();
+    loadgen::probe(&r.target, Instant::now() + Duration::from_secs(10))
+        .await
+        .map_err(|e| anyhow::anyhow!("{label} does not serve requests: {e}"))?;
+    tokio::time::sleep(SETTLE).await;
+    let pids: Vec<u32> = r.procs.iter().map(Child::pid).collect();
+    let sample_all = || pids.iter().map(|&p| rss::sample(p)).collect::<Vec<_>>();
+    let cpu_all = || {
+        pids.iter()
+            .map(|&p| rss::cpu_seconds(p))
+            .collect::<Vec<_>>()
+    };
+    let load_cpu = || rss::cpu_seconds_of(&[std::process::id(), app_pid]);
+    let snapshot = |procs: &[f64], load: f64| Snapshot {
+        cpu: rss::cpu_times(&bench_cpus),
+        ours: procs.iter().sum::<f64>() + load,
+    };
+    let idle = sample_all();
+
+    eprintln!("   warm-up: {} req/s for {:?}", args.rate, args.warmup);
+    let warm = loadgen::open_loop(&r.target, args.rate, args.warmup, args.connections).await;
+    tokio::time::sleep(SETTLE).await;
+    let idle_after_warmup = sample_all();
+
+    eprintln!(
+        "   fixed rate: {} req/s for {:?} over {} connections",
+        args.rate, args.duration, args.connections
+    );
+    let (cpu0, load0) = (cpu_all(), load_cpu());
+    let snap0 = snapshot(&cpu0, load0);
+    let sampler = Sampler::start(pids.clone(), SAMPLE_EVERY);
+    let open = loadgen::open_loop(&r.target, args.rate, args.duration, args.connections).await;
+    let during = sampler.finish();
+    let (cpu1, load1) = (cpu_all(), load_cpu());
+    let snap1 = snapshot(&cpu1, load1);
+    let noise_rate = Noise::between(snap0, snap1, open.elapsed.as_secs_f64());
+    let after_rate = sample_all();
+
+    eprintln!(
+        "   saturation: {} connections for {:?}",
+        args.sat_connections, args.sat_duration
+    );
+    let sat = loadgen::closed_loop(&r.target, args.sat_connections, args.sat_duration).await;
+    let (cpu2, load2) = (cpu_all(), load_cpu());
+    let snap2 = snapshot(&cpu2, load2);
+    let noise_sat = Noise::between(snap1, snap2, sat.elapsed.as_secs_f64());
+    let after_sat = sample_all();
+
+    let mut crashed = Vec::new();
+    for c in &mut r.procs {
+        if let Err(e) = c.check_alive() {
+            crashed.push(format!("{e:#}"));
+        }
+    }
+    let procs = r
+        .procs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ProcResult {
+            name: c.name().to_owned(),
+            command_line: c.command_line.clone(),
+            cpus_allowed: rss::cpus_allowed(c.pid()),
+            idle: idle[i],
+            idle_after_warmup: idle_after_warmup[i],
+            rate_end: during[i].0,
+            rate_max: during[i].1,
+            after_rate: after_rate[i],
+            after_sat: after_sat[i],
+            cpu_rate_s: cpu1[i] - cpu0[i],
+            cpu_sat_s: cpu2[i] - cpu1[i],
+        })
+        .collect();
+    Ok(Measured {
+        warmup_errors: warm.errors.total(),
+        open,
+        sat,
+        procs,
+        load_cpu_rate_s: load1 - load0,
+        load_cpu_sat_s: load2 - load1,
+        noise_rate,
+        noise_sat,
+        crashed,
+        facts: r.facts.clone(),
+    })
+}
