@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use mandate_e2e::apps::App;
-use mandate_e2e::client::proxy_get;
+use mandate_e2e::client::{Http1, empty, proxy_get, proxy_request};
 use mandate_e2e::pki::{normalize_serial, replace_file};
 use mandate_e2e::{Sidecar, TestEnv, eventually, within};
 
@@ -64,8 +64,10 @@ async fn certificates_rotate_under_steady_traffic_without_a_failed_request() {
             reloads(&tool, "applied").await?,
         );
 
-        // The steady stream: sequential requests, each on a fresh agent connection, until told to stop.
+        // The steady stream: sequential requests until told to stop, alternating between one keep-alive
+        // connection opened before any rotation (it must survive them) and a fresh connection each time.
         let stop = Arc::new(AtomicBool::new(false));
+        let mut kept = Http1::connect(agent.outbound()).await?;
         let traffic = {
             let stop = stop.clone();
             let outbound = agent.outbound();
@@ -74,16 +76,25 @@ async fn certificates_rotate_under_steady_traffic_without_a_failed_request() {
                 let mut failures = Vec::new();
                 while !stop.load(Ordering::SeqCst) || done < 200 {
                     let url = format!("http://tool:8080/steady/{done}");
-                    match tokio::time::timeout(
-                        Duration::from_secs(10),
-                        proxy_get(outbound, &url, &[]),
-                    )
-                    .await
-                    {
+                    let call = async {
+                        if done.is_multiple_of(2) {
+                            kept.fetch(proxy_request("GET", &url).body(empty())?).await
+                        } else {
+                            proxy_get(outbound, &url, &[]).await
+                        }
+                    };
+                    let how = if done.is_multiple_of(2) {
+                        "kept-alive"
+                    } else {
+                        "fresh"
+                    };
+                    match tokio::time::timeout(Duration::from_secs(10), call).await {
                         Ok(Ok(r)) if r.status == 200 => {}
-                        Ok(Ok(r)) => failures.push(format!("#{done}: {} {}", r.status, r.text())),
-                        Ok(Err(e)) => failures.push(format!("#{done}: {e:#}")),
-                        Err(_) => failures.push(format!("#{done}: no answer within 10s")),
+                        Ok(Ok(r)) => {
+                            failures.push(format!("#{done} ({how}): {} {}", r.status, r.text()))
+                        }
+                        Ok(Err(e)) => failures.push(format!("#{done} ({how}): {e:#}")),
+                        Err(_) => failures.push(format!("#{done} ({how}): no answer within 10s")),
                     }
                     done += 1;
                 }
@@ -95,7 +106,7 @@ async fn certificates_rotate_under_steady_traffic_without_a_failed_request() {
         let mut last_tool = tool.svid().clone();
         for round in 1..=3 {
             // Let traffic flow on the current identities first (a signal from the app, not a sleep).
-            let target = app.request_count() + 30;
+            let target = app.request_count() + 60;
             within(
                 Duration::from_secs(30),
                 "traffic before rotation",
@@ -115,7 +126,7 @@ async fn certificates_rotate_under_steady_traffic_without_a_failed_request() {
                 .map_err(|e| e.context(format!("rotation {round}")))?;
         }
         // And traffic keeps flowing on the final identities.
-        let target = app.request_count() + 30;
+        let target = app.request_count() + 60;
         within(
             Duration::from_secs(30),
             "traffic after rotation",
