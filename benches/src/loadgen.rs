@@ -2,7 +2,8 @@
 //! (saturation) HTTP/1.1 load over keep-alive connections.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -11,6 +12,7 @@ use http::{HeaderValue, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
+use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc};
 
@@ -81,17 +83,6 @@ impl Errors {
             self.samples.push(e.to_string());
         }
     }
-
-    fn merge(&mut self, other: Errors) {
-        self.status += other.status;
-        self.transport += other.transport;
-        self.timeout += other.timeout;
-        for s in other.samples {
-            if self.samples.len() < 3 && !self.samples.contains(&s) {
-                self.samples.push(s);
-            }
-        }
-    }
 }
 
 /// What a phase measured.
@@ -107,6 +98,8 @@ pub struct Outcome {
     pub errors: Errors,
     /// Wall time from the first scheduled request to the last completion.
     pub elapsed: Duration,
+    /// When the last request of this outcome completed.
+    last_done: Option<Instant>,
 }
 
 impl Outcome {
@@ -117,15 +110,19 @@ impl Outcome {
             ok: 0,
             errors: Errors::default(),
             elapsed: Duration::ZERO,
+            last_done: None,
         }
     }
 
-    fn merge(&mut self, other: Outcome) {
-        // Same bounds on both sides, so adding cannot fail.
-        let _ = self.latency.add(&other.latency);
-        let _ = self.send_lag.add(&other.send_lag);
-        self.ok += other.ok;
-        self.errors.merge(other.errors);
+    fn done(&mut self, result: Result<u64, RequestError>) {
+        match result {
+            Ok(latency_us) => {
+                self.ok += 1;
+                self.latency.saturating_record(latency_us);
+            }
+            Err(e) => self.errors.count(&e),
+        }
+        self.last_done = Some(Instant::now());
     }
 
     /// Successful requests per second over the phase.
@@ -262,8 +259,8 @@ pub async fn probe(target: &Target, deadline: Instant) -> Result<(), RequestErro
 /// Open loop: `rate` requests per second for `duration`, spread over `connections` connections.
 ///
 /// Request `i` is due at `t0 + i/rate`; its latency is measured from that intended time, so a stall
-/// that delays later sends is charged to them (coordinated-omission correction, as in wrk2). A
-/// dedicated thread releases requests on time because tokio's timer only has millisecond resolution.
+/// that delays later sends is charged to them (coordinated-omission correction, as in wrk2).
+/// Requests are released by a timerfd because tokio's own timer only has millisecond resolution.
 pub async fn open_loop(
     target: &Target,
     rate: u64,
@@ -275,70 +272,73 @@ pub async fn open_loop(
     let conns = open_conns(&target, connections.max(1)).await;
     let (tx, rx) = mpsc::unbounded_channel::<Instant>();
     let rx = Arc::new(Mutex::new(rx));
+    let timer = match PreciseTimer::new() {
+        Ok(t) => t,
+        Err(e) => {
+            let mut out = Outcome::empty();
+            out.errors
+                .count(&RequestError::Transport(format!("timerfd: {e}")));
+            return out;
+        }
+    };
     let t0 = Instant::now() + Duration::from_millis(5);
     // Requests still queued this long after the schedule ends are counted as timeouts, not sent,
     // so a stuck proxy cannot stretch the phase without bound.
     let hard_end = t0 + duration + REQUEST_TIMEOUT;
-    let pacer = std::thread::Builder::new()
-        .name("pacer".into())
-        .spawn(move || pace(t0, rate, total, &tx))
-        .expect("spawning the pacer thread");
+    let pacer = tokio::spawn(async move {
+        let nanos_per_req = 1_000_000_000f64 / rate.max(1) as f64;
+        for i in 0..total {
+            let intended = t0 + Duration::from_nanos((i as f64 * nanos_per_req) as u64);
+            if timer.sleep_until(intended).await.is_err() || tx.send(intended).is_err() {
+                return;
+            }
+        }
+    });
 
+    // One outcome shared by all workers (they run on one thread, so the lock is never contended):
+    // per-worker histograms would mean megabytes of fresh pages faulted in during the first requests.
+    let shared = Arc::new(StdMutex::new(Outcome::empty()));
     let mut workers = Vec::new();
     for mut conn in conns {
         let rx = rx.clone();
+        let shared = shared.clone();
         workers.push(tokio::spawn(async move {
-            let mut out = Outcome::empty();
             loop {
                 let intended = { rx.lock().await.recv().await };
                 let Some(intended) = intended else { break };
                 let sent = Instant::now();
                 if sent >= hard_end {
-                    out.errors.count(&RequestError::Timeout);
+                    lock(&shared).errors.count(&RequestError::Timeout);
                     continue;
                 }
-                out.send_lag
+                lock(&shared)
+                    .send_lag
                     .saturating_record(micros(sent.saturating_duration_since(intended)));
-                match conn.request(REQUEST_TIMEOUT.min(hard_end - sent)).await {
-                    Ok(()) => {
-                        out.ok += 1;
-                        out.latency.saturating_record(micros(intended.elapsed()));
-                    }
-                    Err(e) => out.errors.count(&e),
-                }
+                let result = conn.request(REQUEST_TIMEOUT.min(hard_end - sent)).await;
+                lock(&shared).done(result.map(|()| micros(intended.elapsed())));
             }
-            out
         }));
     }
-    let mut total_out = Outcome::empty();
     for w in workers {
-        if let Ok(out) = w.await {
-            total_out.merge(out);
-        }
+        let _ = w.await;
     }
-    let _ = pacer.join();
-    total_out.elapsed = t0.elapsed();
-    total_out
+    let _ = pacer.await;
+    finish(&shared, t0)
 }
 
-/// Releases request `i` at `t0 + i/rate` (the pacer thread's body).
-fn pace(t0: Instant, rate: u64, total: u64, tx: &mpsc::UnboundedSender<Instant>) {
-    // The default 50 µs timer slack would add that much to every sleep; ask for precise wake-ups.
-    // SAFETY: PR_SET_TIMERSLACK only changes this thread's timer slack; it takes plain integers.
-    unsafe {
-        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
-    }
-    let nanos_per_req = 1_000_000_000f64 / rate.max(1) as f64;
-    for i in 0..total {
-        let intended = t0 + Duration::from_nanos((i as f64 * nanos_per_req) as u64);
-        let now = Instant::now();
-        if intended > now {
-            std::thread::sleep(intended - now);
-        }
-        if tx.send(intended).is_err() {
-            return;
-        }
-    }
+fn lock(m: &StdMutex<Outcome>) -> std::sync::MutexGuard<'_, Outcome> {
+    // A panicking worker aborts the process (panic = "abort"), so poisoning cannot hide a bug here.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Takes the shared outcome; the phase lasted from `start` to its last response.
+fn finish(shared: &StdMutex<Outcome>, start: Instant) -> Outcome {
+    let mut out = std::mem::replace(&mut *lock(shared), Outcome::empty());
+    out.elapsed = out
+        .last_done
+        .unwrap_or_else(Instant::now)
+        .saturating_duration_since(start);
+    out
 }
 
 /// Closed loop: each of `connections` connections sends its next request as soon as the last one
@@ -346,38 +346,115 @@ fn pace(t0: Instant, rate: u64, total: u64, tx: &mpsc::UnboundedSender<Instant>)
 pub async fn closed_loop(target: &Target, connections: usize, duration: Duration) -> Outcome {
     let target = Arc::new(target.clone());
     let conns = open_conns(&target, connections.max(1)).await;
+    let shared = Arc::new(StdMutex::new(Outcome::empty()));
     let start = Instant::now();
     let end = start + duration;
     let mut workers = Vec::new();
     for mut conn in conns {
+        let shared = shared.clone();
         workers.push(tokio::spawn(async move {
-            let mut out = Outcome::empty();
             loop {
                 let sent = Instant::now();
                 if sent >= end {
                     break;
                 }
-                match conn.request(REQUEST_TIMEOUT).await {
-                    Ok(()) => {
-                        out.ok += 1;
-                        out.latency.saturating_record(micros(sent.elapsed()));
-                    }
-                    Err(e) => {
-                        out.errors.count(&e);
-                        // Do not turn a refusing endpoint into a busy loop of errors.
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
+                let result = conn.request(REQUEST_TIMEOUT).await;
+                let failed = result.is_err();
+                lock(&shared).done(result.map(|()| micros(sent.elapsed())));
+                if failed {
+                    // Do not turn a refusing endpoint into a busy loop of errors.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
             }
-            out
         }));
     }
-    let mut total_out = Outcome::empty();
     for w in workers {
-        if let Ok(out) = w.await {
-            total_out.merge(out);
+        let _ = w.await;
+    }
+    finish(&shared, start)
+}
+
+/// A one-shot absolute `CLOCK_MONOTONIC` timer (timerfd) on tokio's reactor: microsecond-precise
+/// wake-ups without a second thread to hand each request over from.
+struct PreciseTimer {
+    fd: AsyncFd<OwnedFd>,
+    /// `Instant` and `CLOCK_MONOTONIC` read together, to convert one into the other.
+    base: Instant,
+    base_ns: u128,
+}
+
+impl PreciseTimer {
+    fn new() -> std::io::Result<Self> {
+        // SAFETY: plain syscall; the returned descriptor is owned by the OwnedFd below.
+        let raw = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: timespec is plain data written by clock_gettime.
+        let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointer to a timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        // std's Instant reads CLOCK_MONOTONIC on Linux, so this pairing converts exactly.
+        let base = Instant::now();
+        // SAFETY: the OwnedFd is moved into the AsyncFd, which keeps it open until it deregisters it.
+        let fd = unsafe { AsyncFd::register(fd)? };
+        Ok(Self {
+            fd,
+            base,
+            base_ns: ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128,
+        })
+    }
+
+    async fn sleep_until(&self, at: Instant) -> std::io::Result<()> {
+        if at <= Instant::now() {
+            return Ok(());
+        }
+        let ns = self.base_ns + at.duration_since(self.base).as_nanos();
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: (ns / 1_000_000_000) as libc::time_t,
+                tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+            },
+        };
+        // SAFETY: valid descriptor and itimerspec; the old value is not requested.
+        let rc = unsafe {
+            libc::timerfd_settime(
+                self.fd.as_raw_fd(),
+                libc::TFD_TIMER_ABSTIME,
+                &spec,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let read = guard.try_io(|fd| {
+                let mut expirations = [0u8; 8];
+                // SAFETY: reads at most 8 bytes into an 8-byte buffer.
+                let n = unsafe { libc::read(fd.as_raw_fd(), expirations.as_mut_ptr().cast(), 8) };
+                if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            });
+            match read {
+                Ok(result) => return result,
+                Err(_would_block) => continue,
+            }
         }
     }
-    total_out.elapsed = start.elapsed();
-    total_out
 }

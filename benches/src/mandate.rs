@@ -99,6 +99,7 @@ pub async fn start(env: &Env<'_>) -> Result<Running, SetupError> {
         target,
         procs: vec![sidecar_a, sidecar_b],
         facts: vec![version],
+        configs: vec![],
     })
 }
 

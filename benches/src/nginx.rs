@@ -186,11 +186,12 @@ fn launch(
     nginx: &Path,
     name: &str,
     conf: impl Fn(&Path) -> String,
-) -> anyhow::Result<Child> {
+) -> anyhow::Result<(Child, String)> {
     let prefix = env.tmp.join(name);
     std::fs::create_dir_all(&prefix)?;
     let conf_path = prefix.join("nginx.conf");
-    std::fs::write(&conf_path, conf(&prefix))?;
+    let text = conf(&prefix);
+    std::fs::write(&conf_path, &text)?;
     let args = |test: bool| {
         let mut a = vec![
             "-p".to_owned(),
@@ -217,7 +218,7 @@ fn launch(
             String::from_utf8_lossy(&test.stderr)
         ));
     }
-    Child::spawn(
+    let child = Child::spawn(
         env.pinner,
         Spawn {
             name,
@@ -227,7 +228,8 @@ fn launch(
             env: vec![],
             log_dir: env.tmp,
         },
-    )
+    )?;
+    Ok((child, text))
 }
 
 /// Starts the nginx pair and waits until a request passes through it.
@@ -235,10 +237,10 @@ pub async fn start(env: &Env<'_>) -> Result<Running, SetupError> {
     let nginx = locate(env)?;
     let (a_addr, b_addr) = (procs::free_port()?, procs::free_port()?);
     let (a_listen, b_listen) = (a_addr.to_string(), b_addr.to_string());
-    let mut b = launch(env, &nginx, "nginx-B-inbound", |p| {
+    let (mut b, conf_b) = launch(env, &nginx, "nginx-B-inbound", |p| {
         config_b(p, env, &b_listen, &env.certs.nginx_b)
     })?;
-    let mut a = launch(env, &nginx, "nginx-A-outbound", |p| {
+    let (mut a, conf_a) = launch(env, &nginx, "nginx-A-outbound", |p| {
         config_a(p, env, &a_listen, &b_listen, &env.certs.nginx_a)
     })?;
     b.wait_for_port(b_addr, Duration::from_secs(10))?;
@@ -266,5 +268,9 @@ pub async fn start(env: &Env<'_>) -> Result<Running, SetupError> {
         target,
         procs: vec![a, b],
         facts: vec![version(&nginx)],
+        configs: vec![
+            ("nginx-A-outbound/nginx.conf".to_owned(), conf_a),
+            ("nginx-B-inbound/nginx.conf".to_owned(), conf_b),
+        ],
     })
 }

@@ -94,6 +94,8 @@ pub struct Report {
     pub app_command: String,
     /// Wall time of the whole run.
     pub wall: Duration,
+    /// The run's scratch directory, shown as `<tmp>` in the report.
+    pub tmp: String,
 }
 
 impl Report {
@@ -616,11 +618,36 @@ pub fn markdown(r: &Report) -> String {
         }
     }
 
+    let configs: Vec<_> = r
+        .results
+        .iter()
+        .filter_map(|t| match &t.status {
+            Status::Done(m) => Some(&m.configs),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    if !configs.is_empty() {
+        let _ = writeln!(s, "\n### Proxy configuration\n");
+        for (name, text) in configs {
+            let _ = writeln!(
+                s,
+                "<details><summary><code>&lt;tmp&gt;/{name}</code></summary>\n\n```nginx\n{}```\n\n</details>\n",
+                text
+            );
+        }
+    }
+
     let _ = writeln!(
         s,
         "\n## Policy evaluation\n\n_Not measured yet: the policy engine benchmarks are added with the \
          policy issue._\n\n## Delegation verification\n\n_Not measured yet: the delegation-token \
          benchmarks are added with the delegation issue._"
     );
-    s
+    // Scratch paths differ on every run and only clutter the report.
+    if r.tmp.is_empty() {
+        s
+    } else {
+        s.replace(&r.tmp, "<tmp>")
+    }
 }

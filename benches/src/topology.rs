@@ -84,6 +84,8 @@ pub struct Running {
     pub procs: Vec<Child>,
     /// Versions and other facts for the report.
     pub facts: Vec<String>,
+    /// Configuration files written for the proxies, (name, text), shown in the report.
+    pub configs: Vec<(String, String)>,
 }
 
 /// Memory and CPU of one proxy process (tree) over the phases.
@@ -136,6 +138,8 @@ pub struct Measured {
     pub crashed: Vec<String>,
     /// Versions and other facts.
     pub facts: Vec<String>,
+    /// Configuration files written for the proxies, (name, text).
+    pub configs: Vec<(String, String)>,
 }
 
 /// CPU the benchmark did not use itself on the CPUs it runs on: a busy machine distorts the figures.
@@ -213,6 +217,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         .build()?;
     let started = Instant::now();
     let results = rt.block_on(run_all(args, &cpus_proxy, &cpus_load))?;
+    let tmp = results.tmp.display().to_string();
     let report = Report {
         machine,
         args: args.clone(),
@@ -222,6 +227,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         pinning: Pinner::new().describe().to_owned(),
         results: results.topologies,
         app_command: results.app_command,
+        tmp,
         wall: started.elapsed(),
     };
     println!("{}", report::terminal_table(&report));
@@ -248,6 +254,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
 struct RunAll {
     topologies: Vec<TopologyResult>,
     app_command: String,
+    tmp: std::path::PathBuf,
 }
 
 async fn run_all(
@@ -328,6 +335,7 @@ async fn run_all(
     Ok(RunAll {
         topologies,
         app_command: app.command_line.clone(),
+        tmp: tmp.path().to_owned(),
     })
 }
 
@@ -342,6 +350,7 @@ fn direct(env: &Env<'_>) -> Running {
         },
         procs: vec![],
         facts: vec![],
+        configs: vec![],
     }
 }
 
@@ -453,5 +462,6 @@ async fn phases(
         noise_sat,
         crashed,
         facts: r.facts.clone(),
+        configs: r.configs.clone(),
     })
 }
