@@ -21,7 +21,9 @@ pub enum CaError {
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
     /// The CA certificate carries no `spiffe://<trust domain>` URI SAN.
-    #[error("CA certificate has no spiffe://<trust domain> URI SAN; cannot tell which trust domain it serves")]
+    #[error(
+        "CA certificate has no spiffe://<trust domain> URI SAN; cannot tell which trust domain it serves"
+    )]
     NoTrustDomain,
     /// The CA certificate is not parseable or not a CA.
     #[error("CA certificate is unusable: {0}")]
@@ -58,7 +60,17 @@ impl CertificateAuthority {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Mandate");
-        dn.push(DnType::CommonName, format!("Mandate CA {trust_domain}"));
+        // A distinct subject per CA: chain building matches issuers by name, so two CAs of one
+        // trust domain (rotation, or a stranger's) must not look alike.
+        let serial = random_serial();
+        let tag: String = serial.to_bytes()[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        dn.push(
+            DnType::CommonName,
+            format!("Mandate CA {trust_domain} {tag}"),
+        );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
         params.key_usages = vec![
@@ -68,7 +80,7 @@ impl CertificateAuthority {
         ];
         params.subject_alt_names = vec![SanType::URI(trust_domain.id_uri().try_into()?)];
         set_validity(&mut params, ttl);
-        params.serial_number = Some(random_serial());
+        params.serial_number = Some(serial);
         let cert = params.self_signed(&key)?;
         Ok(Self {
             trust_domain,
@@ -246,7 +258,10 @@ mod tests {
         let again = CertificateAuthority::from_pem(ca.cert_pem(), &ca.key_pem()).unwrap();
         assert_eq!(again.trust_domain(), &td());
         let leaf = again
-            .issue(&SpiffeId::agent(&td(), "x").unwrap(), Duration::from_secs(60))
+            .issue(
+                &SpiffeId::agent(&td(), "x").unwrap(),
+                Duration::from_secs(60),
+            )
             .unwrap();
         check_svid(&der(&leaf.cert_pem), &td()).unwrap();
     }
@@ -267,7 +282,10 @@ mod tests {
         let uri = |s: &str| SanType::URI(s.try_into().unwrap());
         let cases: Vec<(Box<dyn FnOnce(&mut CertificateParams)>, &str)> = vec![
             (
-                Box::new(|p| p.subject_alt_names.push(uri("spiffe://mandate.local/agent/b"))),
+                Box::new(|p| {
+                    p.subject_alt_names
+                        .push(uri("spiffe://mandate.local/agent/b"))
+                }),
                 "uri_san_count",
             ),
             (Box::new(|p| p.subject_alt_names.clear()), "uri_san_count"),

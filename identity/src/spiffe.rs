@@ -16,7 +16,9 @@ pub enum SpiffeIdError {
     #[error("invalid trust domain {0:?}: use lowercase letters, digits, '.', '-' and '_'")]
     TrustDomain(String),
     /// A path segment is empty, `.`/`..`, or has characters outside `[A-Za-z0-9._-]`.
-    #[error("invalid SPIFFE ID path {0:?}: segments must be non-empty and use letters, digits, '.', '-' and '_'")]
+    #[error(
+        "invalid SPIFFE ID path {0:?}: segments must be non-empty and use letters, digits, '.', '-' and '_'"
+    )]
     Path(String),
     /// Longer than the 2048 bytes the specification allows.
     #[error("SPIFFE ID is longer than {MAX_ID_LEN} bytes")]

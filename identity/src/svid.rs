@@ -100,10 +100,12 @@ pub fn check_svid(der: &[u8], trust_domain: &TrustDomain) -> Result<Svid, SvidEr
     let [uri] = uris[..] else {
         return Err(SvidError::UriSanCount(uris.len()));
     };
-    let id: SpiffeId = uri.parse().map_err(|e: crate::SpiffeIdError| SvidError::NotSpiffe {
-        uri: uri.to_owned(),
-        reason: e.to_string(),
-    })?;
+    let id: SpiffeId = uri
+        .parse()
+        .map_err(|e: crate::SpiffeIdError| SvidError::NotSpiffe {
+            uri: uri.to_owned(),
+            reason: e.to_string(),
+        })?;
     if id.path().is_empty() {
         return Err(SvidError::NotSpiffe {
             uri: uri.to_owned(),

@@ -13,6 +13,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::authz::Authorizer;
 use crate::config::Config;
 use crate::identity::IdentityStore;
 use crate::metrics::Metrics;
@@ -21,6 +22,8 @@ use crate::metrics::Metrics;
 pub struct Admin {
     metrics: Arc<Metrics>,
     identity: Arc<IdentityStore>,
+    /// Present when a policy is configured: readiness then needs a loaded policy.
+    authz: Option<Arc<Authorizer>>,
     /// Listeners bound and not draining.
     ready: Arc<AtomicBool>,
     /// The effective configuration minus identity, rendered once: it does not change at run time.
@@ -33,6 +36,7 @@ impl Admin {
         config: &Config,
         metrics: Arc<Metrics>,
         identity: Arc<IdentityStore>,
+        authz: Option<Arc<Authorizer>>,
         ready: Arc<AtomicBool>,
     ) -> Self {
         let routes: Vec<_> = config.routes.iter().map(|r| json!(r.as_ref())).collect();
@@ -48,10 +52,16 @@ impl Admin {
             "workers": config.workers,
             "drain_timeout": humantime::format_duration(config.drain_timeout).to_string(),
             "log_format": config.log_format,
+            "policy": config.policy.as_ref().map(|p| json!({
+                "source": p.source,
+                "enforcement": p.enforcement,
+                "decision_log": p.decision_log,
+            })),
         });
         Self {
             metrics,
             identity,
+            authz,
             ready,
             config,
         }
@@ -122,6 +132,8 @@ impl Admin {
             Some("not ready: starting or draining\n")
         } else if !self.identity.is_valid_now() {
             Some("not ready: the SVID is outside its validity period\n")
+        } else if self.authz.as_ref().is_some_and(|a| !a.has_policy()) {
+            Some("not ready: no policy has loaded (see the log for the compiler's message)\n")
         } else {
             None
         }

@@ -9,6 +9,8 @@ use clap::{Parser, ValueEnum};
 use mandate_identity::TrustDomain;
 use serde::Deserialize;
 
+use crate::authz::Enforcement;
+use crate::policy::PolicySource;
 use crate::routes::{Route, RouteTable};
 
 /// Environment variable holding routes, separated by `;` (a route itself contains commas).
@@ -96,6 +98,29 @@ pub struct Args {
     /// Log format [default: text]. The level comes from MANDATE_LOG (e.g. info, mandate_proxy=debug).
     #[arg(long, env = "MANDATE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Rego policy: a .rego file or a directory of them, evaluated on every call. Reloaded on change.
+    #[arg(long, env = "MANDATE_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// JSON data document for the policy (becomes `data`; `data.registry` feeds `input.registry`).
+    #[arg(long, env = "MANDATE_DATA")]
+    pub data: Option<PathBuf>,
+    /// Evaluate and record decisions, but forward every call.
+    #[arg(long, env = "MANDATE_DRY_RUN")]
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Allow calls when the policy gives no usable decision (undefined, error, timeout). Default: deny.
+    #[arg(long, env = "MANDATE_FAIL_OPEN")]
+    #[serde(default)]
+    pub fail_open: bool,
+    /// Standalone: write one JSON line per decision to this file.
+    #[arg(long, env = "MANDATE_DECISION_LOG")]
+    pub decision_log: Option<PathBuf>,
+    /// Largest JSON request body read for policy, e.g. 1MiB; larger JSON bodies are refused [default: 1MiB].
+    #[arg(long, env = "MANDATE_BODY_LIMIT")]
+    pub body_limit: Option<String>,
+    /// Policy evaluation time limit, e.g. 50ms; past it the call is denied [default: 50ms].
+    #[arg(long, env = "MANDATE_POLICY_TIMEOUT")]
+    pub policy_timeout: Option<String>,
 }
 
 impl Args {
@@ -133,6 +158,13 @@ impl Args {
             workers: self.workers.or(file.workers),
             drain_timeout: self.drain_timeout.or(file.drain_timeout),
             log_format: self.log_format.or(file.log_format),
+            policy: self.policy.or(file.policy),
+            data: self.data.or(file.data),
+            dry_run: self.dry_run || file.dry_run,
+            fail_open: self.fail_open || file.fail_open,
+            decision_log: self.decision_log.or(file.decision_log),
+            body_limit: self.body_limit.or(file.body_limit),
+            policy_timeout: self.policy_timeout.or(file.policy_timeout),
         })
     }
 }
@@ -180,11 +212,25 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Log format.
     pub log_format: LogFormat,
+    /// Policy evaluated on every call (`None`: routes alone decide).
+    pub policy: Option<PolicyConfig>,
+}
+
+/// Policy settings, present when `--policy` is given.
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    /// Modules, data and time limit.
+    pub source: PolicySource,
+    /// Dry-run, fail-open and the body limit.
+    pub enforcement: Enforcement,
+    /// Standalone decision log.
+    pub decision_log: Option<PathBuf>,
 }
 
 impl Config {
     /// Validates merged arguments; every error names the field to fix.
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+        let policy = policy_config(&args)?;
         let field = |field: &'static str, why: String| ConfigError::Field { field, why };
         let trust_domain = args
             .trust_domain
@@ -248,6 +294,7 @@ impl Config {
             }
         }
         Ok(Config {
+            policy,
             trust_domain,
             identity_files,
             outbound,
@@ -260,6 +307,70 @@ impl Config {
             log_format: args.log_format.unwrap_or(LogFormat::Text),
         })
     }
+}
+
+fn policy_config(args: &Args) -> Result<Option<PolicyConfig>, ConfigError> {
+    let field = |field: &'static str, why: String| ConfigError::Field { field, why };
+    let Some(path) = &args.policy else {
+        for (given, name) in [
+            (args.data.is_some(), "--data"),
+            (args.dry_run, "--dry-run"),
+            (args.fail_open, "--fail-open"),
+            (args.decision_log.is_some(), "--decision-log"),
+            (args.body_limit.is_some(), "--body-limit"),
+            (args.policy_timeout.is_some(), "--policy-timeout"),
+        ] {
+            if given {
+                return Err(field(name, "only means something with --policy".into()));
+            }
+        }
+        return Ok(None);
+    };
+    let time_limit = humantime::parse_duration(args.policy_timeout.as_deref().unwrap_or("50ms"))
+        .map_err(|e| field("--policy-timeout", format!("{e} (use e.g. 50ms)")))?;
+    if time_limit.is_zero() {
+        return Err(field("--policy-timeout", "must be more than zero".into()));
+    }
+    let body_limit = parse_size(args.body_limit.as_deref().unwrap_or("1MiB"))
+        .map_err(|why| field("--body-limit", why))?;
+    Ok(Some(PolicyConfig {
+        source: PolicySource {
+            path: path.clone(),
+            data: args.data.clone(),
+            time_limit,
+        },
+        enforcement: Enforcement {
+            dry_run: args.dry_run,
+            fail_open: args.fail_open,
+            body_limit,
+        },
+        decision_log: args.decision_log.clone(),
+    }))
+}
+
+/// Parses `1048576`, `512KiB`, `1MiB`, `1MB`, `64kb` into bytes.
+fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (use e.g. 1MiB or 65536)"))?;
+    let multiplier = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "kib" | "k" => 1 << 10,
+        "mb" => 1_000_000,
+        "mib" | "m" => 1 << 20,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (use B, KiB, MiB, KB or MB)"
+            ));
+        }
+    };
+    n.checked_mul(multiplier)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?} must be between 1 byte and the address space"))
 }
 
 #[cfg(test)]
@@ -307,6 +418,18 @@ mod tests {
                 vec!["--admin", "127.0.0.1:15001"],
                 "--admin: 127.0.0.1:15001 is also used by --outbound",
             ),
+            (
+                vec!["--dry-run"],
+                "--dry-run: only means something with --policy",
+            ),
+            (
+                vec!["--policy", "p.rego", "--body-limit", "lots"],
+                "--body-limit",
+            ),
+            (
+                vec!["--policy", "p.rego", "--policy-timeout", "0s"],
+                "--policy-timeout",
+            ),
         ] {
             let err = config(&extra).unwrap_err().to_string();
             assert!(err.starts_with(want), "{extra:?}: {err}");
@@ -335,6 +458,18 @@ mod tests {
         assert_eq!(c.app, Some("127.0.0.1:8080".parse().unwrap()));
         assert_eq!(c.outbound.to_string(), "127.0.0.1:3");
         assert_eq!(c.routes.iter().count(), 1);
+    }
+
+    #[test]
+    fn policy_settings_have_safe_defaults() {
+        let c = config(&["--policy", "p.rego"]).unwrap();
+        let p = c.policy.unwrap();
+        assert_eq!(p.source.time_limit, Duration::from_millis(50));
+        assert_eq!(p.enforcement.body_limit, 1 << 20);
+        assert!(!p.enforcement.dry_run && !p.enforcement.fail_open);
+        assert_eq!(parse_size("512KiB"), Ok(512 * 1024));
+        assert_eq!(parse_size("2MB"), Ok(2_000_000));
+        assert!(parse_size("0").is_err());
     }
 
     #[test]

@@ -3,26 +3,20 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use mandate_identity::TrustDomain;
 use mandate_identity::svid::{Svid, SvidError, check_svid};
-use notify::{RecursiveMode, Watcher};
 use rustls::client::verify_server_cert_signed_by_trust_anchor;
 use rustls::server::ParsedCertificate;
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
-use tokio::sync::mpsc;
 
 use crate::config::IdentityFiles;
 use crate::metrics::Metrics;
 use crate::tls::{self, ALPN_H2, ALPN_HTTP1, ALPN_TCP, SvidResolver};
-
-/// Quiet period after the last file event before reloading, so a multi-file update lands as one.
-const DEBOUNCE: Duration = Duration::from_millis(150);
 
 /// Why a set of identity files cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -291,41 +285,13 @@ impl IdentityStore {
         }
     }
 
-    /// Watches the files' directories (so atomic renames and symlink swaps are seen) and reloads on change.
+    /// Reloads whenever the identity files change.
     pub fn watch(self: &Arc<Self>) -> notify::Result<()> {
-        let (tx, mut rx) = mpsc::channel::<()>(1);
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if event.is_ok_and(|e| !e.kind.is_access()) {
-                    let _ = tx.try_send(()); // a full channel already means "reload pending"
-                }
-            })?;
-        let mut dirs: Vec<PathBuf> = [&self.files.cert, &self.files.key, &self.files.bundle]
-            .iter()
-            .map(|p| match p.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-                _ => PathBuf::from("."),
-            })
-            .collect();
-        dirs.sort();
-        dirs.dedup();
-        for dir in &dirs {
-            watcher.watch(dir, RecursiveMode::NonRecursive)?;
-        }
         let store = self.clone();
-        tokio::spawn(async move {
-            let _watcher = watcher; // dropping it would stop the events
-            while rx.recv().await.is_some() {
-                while tokio::time::timeout(DEBOUNCE, rx.recv())
-                    .await
-                    .is_ok_and(|e| e.is_some())
-                {}
-                let store = store.clone();
-                // File reads and certificate parsing are blocking work.
-                let _ = tokio::task::spawn_blocking(move || store.reload()).await;
-            }
-        });
-        Ok(())
+        let files = [&self.files.cert, &self.files.key, &self.files.bundle];
+        crate::watch::on_change(&files.map(PathBuf::as_path), move || {
+            let _ = store.reload();
+        })
     }
 
     /// Whether the current SVID is within its validity period.
@@ -342,6 +308,7 @@ mod tests {
     use super::*;
     use mandate_identity::SpiffeId;
     use mandate_identity::ca::CertificateAuthority;
+    use std::time::Duration;
 
     struct Files {
         _dir: tempfile::TempDir,

@@ -10,18 +10,22 @@ use std::time::{Duration, Instant};
 use http::header::{HeaderName, HeaderValue};
 use http::uri::Authority;
 use http::{Request, Response, StatusCode, header};
+use http_body_util::Either;
 use hyper::body::Incoming;
-use mandate_identity::TrustDomain;
 use mandate_identity::svid::check_svid;
+use mandate_identity::{SpiffeId, TrustDomain};
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::headers::{ProxyBody, json_response};
+use crate::authz::Authorizer;
+use crate::headers::{ProxyBody, json_response, strip_identity_headers};
 use crate::identity::IdentityStore;
+use crate::input::Destination;
 use crate::metrics::{ConnectionGuard, Direction, Metrics};
 use crate::relay;
+use crate::routes::split_host_port;
 use crate::server::{HttpProtocol, serve_http};
 use crate::tls::{self, ALPN_H2, ALPN_TCP};
 use crate::upstream::{AppClients, app_clients, connect_app};
@@ -38,11 +42,13 @@ pub struct Inbound {
     identity: Arc<IdentityStore>,
     metrics: Arc<Metrics>,
     app: Option<(SocketAddr, AppClients)>,
+    authz: Option<Arc<Authorizer>>,
     cancel: CancellationToken,
 }
 
 /// Headers stamped on every request of one connection, computed once at the handshake.
 struct PeerStamp {
+    id: SpiffeId,
     peer: HeaderValue,
     xfcc: HeaderValue,
 }
@@ -54,6 +60,7 @@ impl Inbound {
         identity: Arc<IdentityStore>,
         metrics: Arc<Metrics>,
         app: Option<SocketAddr>,
+        authz: Option<Arc<Authorizer>>,
         cancel: CancellationToken,
     ) -> Self {
         Self {
@@ -61,6 +68,7 @@ impl Inbound {
             identity,
             metrics,
             app: app.map(|a| (a, app_clients(a))),
+            authz,
             cancel,
         }
     }
@@ -99,10 +107,11 @@ impl Inbound {
         tracing::debug!(peer = %peer_addr, spiffe_id = %svid.id, "inbound connection");
 
         if alpn.as_deref() == Some(ALPN_TCP) {
-            self.relay_tcp(tls, peer_addr).await;
+            self.relay_tcp(tls, peer_addr, &svid.id).await;
             return;
         }
         let stamp = Arc::new(PeerStamp {
+            id: svid.id.clone(),
             peer: HeaderValue::from_str(svid.id.as_str())
                 .expect("SPIFFE IDs are valid header values"),
             xfcc: xfcc(identity.svid.id.as_str(), leaf, svid.id.as_str()),
@@ -135,25 +144,56 @@ impl Inbound {
                 &json!({"error": "no_app", "reason": "this sidecar has no --app to forward inbound calls to"}),
             );
         };
+        let (mut parts, body) = req.into_parts();
+        strip_identity_headers(&mut parts.headers);
         // Keep the caller's authority (Host / :authority) so the app sees what was addressed.
-        let authority = req
-            .uri()
+        let authority = parts
+            .uri
             .authority()
             .cloned()
             .or_else(|| {
-                req.headers()
+                parts
+                    .headers
                     .get(header::HOST)
                     .and_then(|h| Authority::try_from(h.as_bytes()).ok())
             })
             .unwrap_or_else(|| {
                 Authority::try_from(app_addr.to_string()).expect("socket address is an authority")
             });
-        let mut prepared = relay::prepare(req, authority);
-        let headers = prepared.request.headers_mut();
-        headers.insert(X_MANDATE_PEER.clone(), stamp.peer.clone());
-        headers.insert(XFCC.clone(), stamp.xfcc.clone());
+        let (body, authorized) = match &self.authz {
+            None => (Either::Left(body), None),
+            Some(authz) => {
+                let ours = self.identity.current();
+                let (host, port) = split_host_port(authority.as_str(), 80)
+                    .unwrap_or_else(|_| (ours.svid.id.name().to_owned(), 80));
+                let destination = Destination {
+                    host: &host,
+                    port,
+                    id: Some(&ours.svid.id),
+                };
+                match authz
+                    .authorize_http(
+                        Direction::Inbound,
+                        &stamp.id,
+                        destination,
+                        "https",
+                        &parts,
+                        body,
+                    )
+                    .await
+                {
+                    Ok((body, authorized)) => (body, Some(authorized)),
+                    Err(denied) => return denied,
+                }
+            }
+        };
+        parts
+            .headers
+            .insert(X_MANDATE_PEER.clone(), stamp.peer.clone());
+        parts.headers.insert(XFCC.clone(), stamp.xfcc.clone());
+        let prepared = relay::prepare(Request::from_parts(parts, body), authority);
         let client = clients.for_version(prepared.request.version());
-        match relay::send(client, prepared).await {
+        let mut resp = match relay::send(client, prepared).await {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::warn!(app = %app_addr, error = %e, "app did not answer");
@@ -162,10 +202,14 @@ impl Inbound {
                     &json!({"error": "app_unavailable", "reason": format!("the local app at {app_addr} did not answer: {e}")}),
                 )
             }
+        };
+        if let (Some(authz), Some(authorized)) = (&self.authz, authorized) {
+            authz.finish(authorized, &mut resp);
         }
+        resp
     }
 
-    async fn relay_tcp<S>(&self, mut tls: S, peer_addr: SocketAddr)
+    async fn relay_tcp<S>(&self, mut tls: S, peer_addr: SocketAddr, peer: &SpiffeId)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
@@ -173,6 +217,21 @@ impl Inbound {
             tracing::warn!(peer = %peer_addr, "opaque TCP refused: no --app configured");
             return;
         };
+        if let Some(authz) = &self.authz {
+            let ours = self.identity.current();
+            // Opaque TCP names no host: the destination is this workload, at the app's port.
+            let destination = Destination {
+                host: ours.svid.id.name(),
+                port: app_addr.port(),
+                id: Some(&ours.svid.id),
+            };
+            if !authz
+                .authorize_tcp(Direction::Inbound, peer, destination)
+                .proceeds()
+            {
+                return;
+            }
+        }
         match connect_app(*app_addr).await {
             Ok(mut app) => {
                 if let Err(e) = tokio::io::copy_bidirectional(&mut tls, &mut app).await {

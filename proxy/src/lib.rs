@@ -1,18 +1,25 @@
 //! `mandate-proxy`: the Mandate sidecar. It terminates and originates mTLS with SPIFFE identities,
-//! stamps the caller's verified identity for the app, and refuses destinations outside the mesh.
+//! evaluates Rego policy on every call, stamps the caller's verified identity for the app, and
+//! refuses destinations outside the mesh.
 
 pub mod admin;
+pub mod authz;
 pub mod config;
+pub mod decisions;
 pub mod headers;
 pub mod identity;
 pub mod inbound;
+pub mod input;
+pub mod mcp;
 pub mod metrics;
 pub mod outbound;
+pub mod policy;
 pub mod relay;
 pub mod routes;
 pub mod server;
 pub mod tls;
 pub mod upstream;
+pub mod watch;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,11 +29,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
-use crate::config::Config;
+use crate::authz::Authorizer;
+use crate::config::{Config, PolicyConfig};
+use crate::decisions::DecisionLog;
 use crate::identity::IdentityStore;
 use crate::inbound::Inbound;
 use crate::metrics::Metrics;
 use crate::outbound::Outbound;
+use crate::policy::PolicyStore;
 use crate::routes::RouteProtocol;
 use crate::server::{accept_loop, bind};
 
@@ -42,6 +52,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("loading identity")?,
     );
     identity.watch().context("watching the identity files")?;
+    let authz = match &config.policy {
+        Some(policy) => Some(Arc::new(authorizer(policy, &metrics)?)),
+        None => {
+            tracing::warn!(
+                "no --policy: routes alone decide; give --policy to evaluate Rego on every call"
+            );
+            None
+        }
+    };
 
     // Bind everything before serving anything, so a taken port fails start-up cleanly.
     let outbound_listener = bind(config.outbound, "--outbound").await?;
@@ -65,6 +84,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         &config,
         metrics.clone(),
         identity.clone(),
+        authz.clone(),
         ready.clone(),
     ));
     tokio::spawn(admin.serve(admin_listener));
@@ -80,6 +100,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Arc::new(routes),
         identity.clone(),
         metrics.clone(),
+        authz.clone(),
         cancel.clone(),
     ));
     let inbound = Arc::new(Inbound::new(
@@ -87,6 +108,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         identity.clone(),
         metrics.clone(),
         app,
+        authz.clone(),
         cancel.clone(),
     ));
 
@@ -136,7 +158,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     } else {
         tracing::info!("drained");
     }
+    if let Some(authz) = &authz {
+        authz.flush();
+    }
     Ok(())
+}
+
+/// Loads the policy (a broken one leaves the sidecar running, denying and not ready), watches it,
+/// and opens the decision log.
+fn authorizer(policy: &PolicyConfig, metrics: &Arc<Metrics>) -> anyhow::Result<Authorizer> {
+    let store = Arc::new(PolicyStore::load(policy.source.clone(), metrics.clone()));
+    store.watch().context("watching the policy files")?;
+    let log = match &policy.decision_log {
+        Some(path) => Some(
+            DecisionLog::open(path, metrics.decisions_dropped.clone())
+                .with_context(|| format!("--decision-log {}", path.display()))?,
+        ),
+        None => None,
+    };
+    Ok(Authorizer::new(
+        store,
+        log,
+        metrics.clone(),
+        policy.enforcement,
+    ))
 }
 
 async fn shutdown_signal() {

@@ -1,8 +1,8 @@
 //! Prometheus metrics of the sidecar (prefix `mandate_`).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Which side of the sidecar a metric describes.
@@ -45,6 +45,13 @@ pub struct Metrics {
     /// notAfter of our SVID, Unix seconds.
     pub cert_expiry: IntGauge,
     identity_reloads: IntCounterVec,
+    decisions: IntCounterVec,
+    /// Time spent evaluating policy, per decision.
+    pub policy_eval: Histogram,
+    policy_info: IntGaugeVec,
+    policy_load_errors: IntCounter,
+    /// Decision records that could not be queued for the decision log (must stay 0).
+    pub decisions_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -100,6 +107,54 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let decisions = IntCounterVec::new(
+            Opts::new(
+                "mandate_decisions_total",
+                "Policy decisions, by direction, result (allow or deny) and whether they were enforced.",
+            ),
+            &["direction", "result", "enforced"],
+        )
+        .expect("valid metric");
+        let policy_eval = Histogram::with_opts(
+            HistogramOpts::new(
+                "mandate_policy_eval_duration_seconds",
+                "Time to evaluate the policy for one decision.",
+            )
+            .buckets(vec![
+                0.000_001,
+                0.000_002_5,
+                0.000_005,
+                0.000_01,
+                0.000_025,
+                0.000_05,
+                0.000_1,
+                0.000_25,
+                0.000_5,
+                0.001,
+                0.005,
+                0.01,
+                0.05,
+            ]),
+        )
+        .expect("valid metric");
+        let policy_info = IntGaugeVec::new(
+            Opts::new(
+                "mandate_policy_info",
+                "The policy version in force (value 1).",
+            ),
+            &["version"],
+        )
+        .expect("valid metric");
+        let policy_load_errors = IntCounter::new(
+            "mandate_policy_load_errors_total",
+            "Policy loads or reloads rejected (compile error, bad data, no entry point).",
+        )
+        .expect("valid metric");
+        let decisions_dropped = IntCounter::new(
+            "mandate_decisions_dropped_total",
+            "Decision records that could not be queued for the decision log.",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -107,6 +162,11 @@ impl Metrics {
             Box::new(handshake_failures.clone()),
             Box::new(cert_expiry.clone()),
             Box::new(identity_reloads.clone()),
+            Box::new(decisions.clone()),
+            Box::new(policy_eval.clone()),
+            Box::new(policy_info.clone()),
+            Box::new(policy_load_errors.clone()),
+            Box::new(decisions_dropped.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -126,6 +186,11 @@ impl Metrics {
             handshake_failures,
             cert_expiry,
             identity_reloads,
+            decisions,
+            policy_eval,
+            policy_info,
+            policy_load_errors,
+            decisions_dropped,
         }
     }
 
@@ -156,6 +221,26 @@ impl Metrics {
     pub fn identity_reload(&self, applied: bool) {
         let result = if applied { "applied" } else { "rejected" };
         self.identity_reloads.with_label_values(&[result]).inc();
+    }
+
+    /// Counts a policy decision.
+    pub fn decision(&self, d: Direction, allow: bool, enforced: bool) {
+        let result = if allow { "allow" } else { "deny" };
+        let enforced = if enforced { "true" } else { "false" };
+        self.decisions
+            .with_label_values(&[d.as_str(), result, enforced])
+            .inc();
+    }
+
+    /// Marks `version` as the policy in force.
+    pub fn policy_loaded(&self, version: &str) {
+        self.policy_info.reset();
+        self.policy_info.with_label_values(&[version]).set(1);
+    }
+
+    /// Counts a rejected policy load.
+    pub fn policy_load_error(&self) {
+        self.policy_load_errors.inc();
     }
 
     /// Prometheus text exposition of every metric.

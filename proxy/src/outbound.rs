@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use http::uri::Scheme;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -16,7 +17,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::headers::{ProxyBody, json_response};
+use crate::authz::Authorizer;
+use crate::headers::{ProxyBody, json_response, strip_identity_headers};
 use crate::identity::IdentityStore;
 use crate::metrics::{ConnectionGuard, Direction, Metrics};
 use crate::relay;
@@ -30,6 +32,7 @@ pub struct Outbound {
     identity: Arc<IdentityStore>,
     metrics: Arc<Metrics>,
     mesh: MeshClients,
+    authz: Option<Arc<Authorizer>>,
     cancel: CancellationToken,
 }
 
@@ -39,6 +42,7 @@ impl Outbound {
         routes: Arc<RouteTable>,
         identity: Arc<IdentityStore>,
         metrics: Arc<Metrics>,
+        authz: Option<Arc<Authorizer>>,
         cancel: CancellationToken,
     ) -> Self {
         Self {
@@ -46,6 +50,7 @@ impl Outbound {
             routes,
             identity,
             metrics,
+            authz,
             cancel,
         }
     }
@@ -81,8 +86,11 @@ impl Outbound {
         self.tunnel(tcp, &route).await
     }
 
-    /// Tunnels a plain TCP connection to a TCP route over mTLS.
+    /// Tunnels a plain TCP connection to a TCP route over mTLS, if policy allows.
     async fn tunnel(&self, mut client: TcpStream, route: &Route) {
+        if self.tcp_allowed(route).is_err() {
+            return; // the refusal is logged and recorded; closing is all TCP can say
+        }
         let config = self.identity.current().client_tcp.clone();
         match connect_mesh(route, config, &self.metrics).await {
             Ok(mut upstream) => splice(&mut client, &mut upstream).await,
@@ -149,9 +157,37 @@ impl Outbound {
                 )}),
             );
         }
-        let prepared = relay::prepare(req, route.authority.clone());
+
+        let (mut parts, body) = req.into_parts();
+        strip_identity_headers(&mut parts.headers);
+        let identity = self.identity.current();
+        let (body, authorized) = match &self.authz {
+            None => (Either::Left(body), None),
+            Some(authz) => {
+                let scheme = if parts.uri.scheme() == Some(&Scheme::HTTPS) {
+                    "https"
+                } else {
+                    "http"
+                };
+                match authz
+                    .authorize_http(
+                        Direction::Outbound,
+                        &identity.svid.id,
+                        route.destination(),
+                        scheme,
+                        &parts,
+                        body,
+                    )
+                    .await
+                {
+                    Ok((body, authorized)) => (body, Some(authorized)),
+                    Err(denied) => return denied,
+                }
+            }
+        };
+        let prepared = relay::prepare(Request::from_parts(parts, body), route.authority.clone());
         let client = self.mesh.for_version(prepared.request.version());
-        match relay::send(client, prepared).await {
+        let mut resp = match relay::send(client, prepared).await {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::warn!(route = %route.authority(), error = %e, "upstream failed");
@@ -163,11 +199,33 @@ impl Outbound {
                     ),
                 }
             }
+        };
+        if let (Some(authz), Some(authorized)) = (&self.authz, authorized) {
+            authz.finish(authorized, &mut resp);
+        }
+        resp
+    }
+
+    /// Whether policy lets this sidecar open a TCP stream to `route` (always, without a policy).
+    fn tcp_allowed(&self, route: &Route) -> Result<(), crate::authz::Decision> {
+        let Some(authz) = &self.authz else {
+            return Ok(());
+        };
+        let identity = self.identity.current();
+        let decision =
+            authz.authorize_tcp(Direction::Outbound, &identity.svid.id, route.destination());
+        if decision.proceeds() {
+            Ok(())
+        } else {
+            Err(decision)
         }
     }
 
-    /// `CONNECT`: establish the mTLS stream first so failures get a real status, then splice.
+    /// `CONNECT`: decide, establish the mTLS stream so failures get a real status, then splice.
     async fn connect(&self, req: Request<Incoming>, route: &Route) -> Response<ProxyBody> {
+        if let Err(denied) = self.tcp_allowed(route) {
+            return crate::authz::denied_response(&denied);
+        }
         let config = self.identity.current().client_tcp.clone();
         match connect_mesh(route, config, &self.metrics).await {
             Ok(mut upstream) => {
@@ -179,11 +237,8 @@ impl Outbound {
                         }
                     }
                 });
-                let mut resp = Response::new(
-                    Either::Right(Full::default()), /* a CONNECT 2xx has no body */
-                );
-                *resp.status_mut() = StatusCode::OK;
-                resp
+                // A 2xx answer to CONNECT has no body.
+                Response::new(Either::Right(Full::default()))
             }
             Err(e) => {
                 tracing::warn!(route = %route.authority(), error = %e, "CONNECT upstream failed");

@@ -4,29 +4,27 @@
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::Either;
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::Connection;
 use hyper_util::rt::TokioIo;
 
-use crate::headers::{ProxyBody, is_upgrade, strip_hop_by_hop, strip_identity_headers};
+use crate::headers::{ProxyBody, is_upgrade, strip_hop_by_hop};
 
 /// A request cleaned for the next hop, with the caller's half of an upgrade if it asked for one.
 pub struct Prepared {
     /// The request to send upstream.
-    pub request: Request<Incoming>,
+    pub request: Request<ProxyBody>,
     downstream_upgrade: Option<OnUpgrade>,
 }
 
-/// Strips caller-supplied identity and hop-by-hop headers and points the URI at `authority`
-/// (which selects the upstream pool); the path and query are kept.
-pub fn prepare(mut req: Request<Incoming>, authority: Authority) -> Prepared {
+/// Strips hop-by-hop headers and points the URI at `authority` (which selects the upstream
+/// pool); the path and query are kept. Callers strip caller-supplied identity headers earlier,
+/// before policy sees the request.
+pub fn prepare(mut req: Request<ProxyBody>, authority: Authority) -> Prepared {
     let upgrade = is_upgrade(req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let headers = req.headers_mut();
-    strip_identity_headers(headers);
-    strip_hop_by_hop(headers, upgrade);
+    strip_hop_by_hop(req.headers_mut(), upgrade);
     let path = req
         .uri()
         .path_and_query()
@@ -45,7 +43,7 @@ pub fn prepare(mut req: Request<Incoming>, authority: Authority) -> Prepared {
 
 /// Sends a prepared request and relays the response; a `101` splices both upgraded streams.
 pub async fn send<C>(
-    client: &Client<C, Incoming>,
+    client: &Client<C, ProxyBody>,
     prepared: Prepared,
 ) -> Result<Response<ProxyBody>, hyper_util::client::legacy::Error>
 where
@@ -54,7 +52,10 @@ where
     C::Future: Send + Unpin,
     C::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let version = prepared.request.version();
     let mut resp = client.request(prepared.request).await?;
+    // The caller speaks the version it sent, whatever the upstream answered with (e.g. HTTP/1.0).
+    *resp.version_mut() = version;
     match (resp.status(), prepared.downstream_upgrade) {
         (StatusCode::SWITCHING_PROTOCOLS, Some(downstream)) => {
             let upstream = hyper::upgrade::on(&mut resp);

@@ -109,6 +109,15 @@ impl Route {
     pub fn authority(&self) -> &str {
         self.authority.as_str()
     }
+
+    /// The route as a policy destination.
+    pub fn destination(&self) -> crate::input::Destination<'_> {
+        crate::input::Destination {
+            host: &self.host,
+            port: self.port,
+            id: Some(&self.id),
+        }
+    }
 }
 
 impl FromStr for Route {

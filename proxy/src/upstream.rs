@@ -10,7 +10,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -22,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use crate::headers::ProxyBody;
 use crate::identity::{Identity, IdentityStore};
 use crate::metrics::{Direction, Metrics};
 use crate::routes::{Route, RouteTable, split_host_port};
@@ -266,8 +266,8 @@ impl tower_service::Service<Uri> for AppConnector {
 
 /// Two pooled clients over one kind of connector, one per HTTP version.
 pub struct VersionedClients<C> {
-    http1: Client<C, Incoming>,
-    http2: Client<C, Incoming>,
+    http1: Client<C, ProxyBody>,
+    http2: Client<C, ProxyBody>,
 }
 
 impl<C> VersionedClients<C>
@@ -291,7 +291,7 @@ where
     }
 
     /// The client for a request of `version`.
-    pub fn for_version(&self, version: http::Version) -> &Client<C, Incoming> {
+    pub fn for_version(&self, version: http::Version) -> &Client<C, ProxyBody> {
         match HttpVersion::from(version) {
             HttpVersion::Http1 => &self.http1,
             HttpVersion::Http2 => &self.http2,
