@@ -7,9 +7,10 @@ BIN   := target/debug
 build:
 	$(CARGO) build --workspace --bins
 
-# End-to-end tests in tests/ run the real binaries, so build them first.
+# End-to-end tests in tests/ run the real binaries, so build them first; then every policy's Rego tests.
 test: build
 	$(CARGO) test --workspace --no-fail-fast
+	$(BIN)/mandate policy test policies/reference policies/examples/*/
 
 demo: build
 	$(BIN)/mandate demo

@@ -2,6 +2,7 @@
 
 mod ca_cli;
 mod demo;
+mod policy_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,6 +28,24 @@ enum Command {
     Ca(CaCommand),
     /// Run a self-contained demo: a tool and an agent, each behind a sidecar, talking over mTLS.
     Demo(demo::DemoArgs),
+    /// Work with Rego policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+/// `mandate policy …`
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Run every test_* rule; each DIR is one policy (its .rego files and an optional data.json).
+    Test(PolicyTestArgs),
+}
+
+/// Arguments of `mandate policy test`.
+#[derive(Debug, Args)]
+struct PolicyTestArgs {
+    /// Policy directories [default: .].
+    #[arg(value_name = "DIR")]
+    dirs: Vec<PathBuf>,
 }
 
 /// `mandate ca …`
@@ -116,6 +135,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => demo::run(args).context("demo failed"),
+        Command::Policy(PolicyCommand::Test(args)) => {
+            let dirs = if args.dirs.is_empty() {
+                vec![PathBuf::from(".")]
+            } else {
+                args.dirs
+            };
+            let totals = policy_cli::test(&dirs, &mut std::io::stdout().lock())?;
+            Ok(if totals.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
     }
 }
 

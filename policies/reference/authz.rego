@@ -1,0 +1,113 @@
+# Mandate reference policy.
+#
+# A call is allowed only when
+#   1. the calling workload is registered (input.registry) and active, and
+#   2. its effective authority allows the call: the workload's ceiling scopes, intersected with the
+#      delegated scopes when the call carries a verified delegation.
+# Everything else is denied, with a reason a person (or a model) can read.
+#
+# A scope is an object of glob patterns over the call's attributes; every field it names must
+# match, fields it leaves out match anything:
+#   host, port, protocol ("http" | "tcp"), method, path,
+#   mcp (JSON-RPC method), tool (tools/call), resource (resources/read URI), prompt (prompts/get)
+# e.g. {"host": "github", "tool": "search_*"} or {"host": "api.internal", "method": "GET", "path": "/v1/*"}.
+#
+# MCP session plumbing (initialize, notifications, ping, */list, responses, and the streamable-HTTP
+# GET/DELETE of a session) is allowed wherever some scope reaches the host: discovery is not action.
+package mandate.authz
+
+import rego.v1
+
+default decision := {"allow": false, "reason": "denied by default: no rule allowed this call"}
+
+decision := verdict
+
+verdict := deny(sprintf("%s is not registered", [input.source.spiffe_id])) if {
+	not registered
+} else := deny(sprintf("%s is %s, not active", [input.source.spiffe_id, input.registry.status])) if {
+	input.registry.status != "active"
+} else := deny(sprintf("%s may not %s: outside its ceiling", [input.source.name, action])) if {
+	not within(object.get(input.registry, "ceiling", []))
+} else := deny(sprintf("%s may not %s: not granted by the delegation from %s", [input.source.name, action, input.delegation.subject])) if {
+	input.delegation
+	not within(object.get(input.delegation, "scopes", []))
+} else := {"allow": true, "reason": sprintf("%s may %s", [input.source.name, action])}
+
+deny(reason) := {"allow": false, "reason": reason}
+
+registered if is_string(input.registry.status)
+
+# The call's attributes, as scopes see them.
+attributes["host"] := input.destination.host
+
+attributes["port"] := input.destination.port
+
+attributes["protocol"] := "http" if input.request
+
+attributes["protocol"] := "tcp" if not input.request
+
+attributes["method"] := input.request.method
+
+attributes["path"] := input.request.path
+
+attributes["mcp"] := input.mcp.method
+
+attributes["tool"] := input.mcp.tool
+
+attributes["resource"] := input.mcp.uri
+
+attributes["prompt"] := input.mcp.prompt
+
+# What the call does, in words, for reasons.
+action := sprintf("call tool %q on %s", [input.mcp.tool, input.destination.host]) if {
+	input.mcp.tool
+} else := sprintf("read resource %q on %s", [input.mcp.uri, input.destination.host]) if {
+	input.mcp.uri
+} else := sprintf("get prompt %q on %s", [input.mcp.prompt, input.destination.host]) if {
+	input.mcp.prompt
+} else := sprintf("send MCP %s to %s", [input.mcp.method, input.destination.host]) if {
+	input.mcp.method
+} else := sprintf("%s %s on %s", [input.request.method, input.request.path, input.destination.host]) if {
+	input.request
+} else := sprintf("open TCP to %s:%d", [input.destination.host, input.destination.port])
+
+within(scopes) if {
+	some scope in scopes
+	matches(scope)
+}
+
+within(scopes) if {
+	plumbing
+	some scope in scopes
+	matches(object.remove(scope, ["tool", "resource", "prompt", "mcp", "method", "path"]))
+}
+
+matches(scope) if {
+	every field, pattern in scope {
+		field_matches(attributes[field], pattern)
+	}
+}
+
+field_matches(value, pattern) if {
+	is_string(pattern)
+	glob.match(pattern, [], sprintf("%v", [value]))
+}
+
+field_matches(value, pattern) if {
+	not is_string(pattern)
+	value == pattern
+}
+
+# MCP messages that are session plumbing rather than an action.
+plumbing if {
+	input.mcp
+	not input.mcp.tool
+	not input.mcp.uri
+	not input.mcp.prompt
+}
+
+plumbing if {
+	not input.mcp
+	input.request.headers["mcp-session-id"]
+	input.request.method in {"GET", "DELETE"}
+}
