@@ -347,3 +347,66 @@ impl Drop for WsApp {
         self.task.abort();
     }
 }
+
+/// A raw TCP echo server that counts the connections it accepted and the bytes it received.
+pub struct TcpEcho {
+    addr: SocketAddr,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+    bytes: Arc<std::sync::atomic::AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl TcpEcho {
+    /// Starts the server on a free loopback port.
+    pub async fn start() -> anyhow::Result<Self> {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (conns, received) = (connections.clone(), bytes.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                conns.fetch_add(1, Ordering::SeqCst);
+                let received = received.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = tcp.read(&mut buf).await {
+                        received.fetch_add(n, Ordering::SeqCst);
+                        if n == 0 || tcp.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            connections,
+            bytes,
+            task,
+        })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Bytes received so far.
+    pub fn bytes_received(&self) -> usize {
+        self.bytes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for TcpEcho {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

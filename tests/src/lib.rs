@@ -9,8 +9,10 @@ pub mod apps;
 pub mod client;
 pub mod metrics;
 pub mod pki;
+pub mod policy;
 pub mod ports;
 pub mod postgres;
+pub mod python;
 pub mod sidecar;
 
 use std::future::Future;
@@ -197,4 +199,21 @@ pub async fn within<T>(
     tokio::time::timeout(limit, fut)
         .await
         .map_err(|_| anyhow::anyhow!("{what}: nothing within {limit:?}"))
+}
+
+/// Returns an error from the enclosing function unless `left == right`; the error shows the message
+/// and both values. For test bodies run by [`TestEnv::run`], where `?` is the way out.
+#[macro_export]
+macro_rules! ensure_eq {
+    ($left:expr, $right:expr, $($arg:tt)+) => {{
+        let (left, right) = (&$left, &$right);
+        if !(*left == *right) {
+            return ::core::result::Result::Err(::anyhow::anyhow!(
+                "{}\n  left: {:?}\n right: {:?}",
+                format!($($arg)+),
+                left,
+                right
+            ));
+        }
+    }};
 }

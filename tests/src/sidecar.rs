@@ -16,6 +16,9 @@ use crate::{TestEnv, ports};
 /// How long a sidecar may take to answer `/readyz` with 200.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a decision may take to appear in the decision log.
+const DECISION_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Describes a sidecar to start; see [`TestEnv::sidecar`].
 pub struct SidecarBuilder<'a> {
     env: &'a TestEnv,
@@ -27,6 +30,16 @@ pub struct SidecarBuilder<'a> {
     args: Vec<String>,
     envs: Vec<(String, String)>,
     tcp_listens: usize,
+    decision_log: bool,
+}
+
+/// What [`SidecarBuilder::spawn`] waits for before handing the sidecar over.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WaitFor {
+    /// `/readyz` answers 200.
+    Ready,
+    /// `/healthz` answers 200 (listeners bound), whatever `/readyz` says.
+    Live,
 }
 
 impl<'a> SidecarBuilder<'a> {
@@ -41,6 +54,7 @@ impl<'a> SidecarBuilder<'a> {
             args: Vec::new(),
             envs: Vec::new(),
             tcp_listens: 0,
+            decision_log: false,
         }
     }
 
@@ -111,11 +125,57 @@ impl<'a> SidecarBuilder<'a> {
         self
     }
 
+    /// `--policy PATH`: a `.rego` file or a directory of them.
+    pub fn policy(self, path: &Path) -> Self {
+        self.arg("--policy").arg(path.display().to_string())
+    }
+
+    /// `--data FILE`: the JSON data document (the registry lives in it).
+    pub fn data(self, path: &Path) -> Self {
+        self.arg("--data").arg(path.display().to_string())
+    }
+
+    /// `--decision-log <sidecar dir>/decisions.jsonl`, read back with [`Sidecar::decisions`].
+    pub fn decision_log(mut self) -> Self {
+        self.decision_log = true;
+        self
+    }
+
+    /// `--dry-run`.
+    pub fn dry_run(self) -> Self {
+        self.arg("--dry-run")
+    }
+
+    /// `--fail-open`.
+    pub fn fail_open(self) -> Self {
+        self.arg("--fail-open")
+    }
+
+    /// `--body-limit SIZE`, e.g. `1KiB`.
+    pub fn body_limit(self, size: &str) -> Self {
+        self.arg("--body-limit").arg(size)
+    }
+
+    /// `--policy-timeout DURATION`, e.g. `20ms`.
+    pub fn policy_timeout(self, limit: &str) -> Self {
+        self.arg("--policy-timeout").arg(limit)
+    }
+
     /// Writes the identity files, starts the process and waits until `/readyz` answers 200.
     ///
     /// When the process exits before it is ready because a port was taken in the meantime, it is started
     /// again on fresh ports (up to three times).
     pub async fn spawn(self) -> anyhow::Result<Sidecar> {
+        self.start(WaitFor::Ready).await
+    }
+
+    /// Like [`spawn`](Self::spawn), but waits only until `/healthz` answers 200 (the listeners are
+    /// bound then): for sidecars that are expected never to become ready.
+    pub async fn spawn_live(self) -> anyhow::Result<Sidecar> {
+        self.start(WaitFor::Live).await
+    }
+
+    async fn start(self, wait_for: WaitFor) -> anyhow::Result<Sidecar> {
         let bin = crate::bin("mandate-proxy")?;
         let svid = self
             .svid
@@ -131,6 +191,7 @@ impl<'a> SidecarBuilder<'a> {
             .bundle
             .clone()
             .unwrap_or_else(|| self.env.pki().bundle_path().to_owned());
+        let decision_log = self.decision_log.then(|| dir.join("decisions.jsonl"));
 
         let mut attempt = 0;
         loop {
@@ -177,6 +238,9 @@ impl<'a> SidecarBuilder<'a> {
                 cmd.arg("--route").arg(route);
             }
             cmd.args(&self.args);
+            if let Some(path) = &decision_log {
+                cmd.arg("--decision-log").arg(path);
+            }
             // Only what this builder says configures the sidecar, never the test runner's environment.
             for (k, _) in std::env::vars_os() {
                 if k.to_string_lossy().starts_with("MANDATE_") {
@@ -208,8 +272,13 @@ impl<'a> SidecarBuilder<'a> {
                 cert: cert.clone(),
                 key: key.clone(),
                 log,
+                decision_log: decision_log.clone(),
             };
-            match sidecar.wait_ready().await {
+            let waited = match wait_for {
+                WaitFor::Ready => sidecar.wait_ready().await,
+                WaitFor::Live => sidecar.wait_live().await,
+            };
+            match waited {
                 Ok(()) => return Ok(sidecar),
                 Err(e) => {
                     let logs = sidecar.logs().to_ascii_lowercase();
@@ -236,6 +305,7 @@ pub struct Sidecar {
     cert: PathBuf,
     key: PathBuf,
     log: PathBuf,
+    decision_log: Option<PathBuf>,
 }
 
 impl Sidecar {
@@ -253,6 +323,25 @@ impl Sidecar {
             }
             if tokio::time::Instant::now() >= deadline {
                 bail!("/readyz did not answer 200 within {READY_TIMEOUT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn wait_live(&mut self) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("exited with {status} before /healthz answered");
+            }
+            if let Ok(Ok(resp)) =
+                tokio::time::timeout(Duration::from_secs(2), get(self.admin, "/healthz")).await
+                && resp.status == 200
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("/healthz did not answer 200 within {READY_TIMEOUT:?}");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -311,6 +400,61 @@ impl Sidecar {
     /// Everything it wrote to stdout/stderr so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Every decision record in its `--decision-log` so far (complete lines only), parsed.
+    pub fn decisions(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let path = self.decision_log.as_ref().with_context(|| {
+            format!("sidecar {} was started without .decision_log()", self.name)
+        })?;
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+        };
+        // A line is complete once its newline is written; the writer may be mid-line.
+        let complete = text.rsplit_once('\n').map_or("", |(done, _)| done);
+        complete
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str(l)
+                    .with_context(|| format!("decision log line is not JSON: {l:?}"))
+            })
+            .collect()
+    }
+
+    /// Waits (up to 10 s; the log is written off the request path) for a decision record matching
+    /// `pred`. The error names `what` and lists the records seen.
+    pub async fn decision_where(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + DECISION_TIMEOUT;
+        loop {
+            let records = self.decisions()?;
+            if let Some(found) = records.iter().find(|r| pred(r)) {
+                return Ok(found.clone());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let seen: Vec<String> = records.iter().map(|r| r.to_string()).collect();
+                bail!(
+                    "{}'s decision log has no record of {what} within {DECISION_TIMEOUT:?}; it has:\n{}",
+                    self.name,
+                    seen.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits for the decision record with this `decision_id`.
+    pub async fn decision(&self, decision_id: &str) -> anyhow::Result<serde_json::Value> {
+        self.decision_where(&format!("decision {decision_id}"), |r| {
+            r["decision_id"] == decision_id
+        })
+        .await
     }
 
     /// `GET` an admin path.
