@@ -90,6 +90,10 @@ impl Errors {
 pub struct Outcome {
     /// Latency of successful requests in µs (open loop: from the intended send time).
     pub latency: Histogram<u64>,
+    /// Latency of successful requests in µs from when each was actually sent (service time): the
+    /// same as `latency` in the closed loop; in the open loop it leaves out the generator's own
+    /// dispatch delay and any queueing behind busy connections.
+    pub service: Histogram<u64>,
     /// How late the generator itself sent each request after its intended time, µs (open loop only).
     pub send_lag: Histogram<u64>,
     /// Successful requests.
@@ -106,6 +110,7 @@ impl Outcome {
     fn empty() -> Self {
         Self {
             latency: histogram(),
+            service: histogram(),
             send_lag: histogram(),
             ok: 0,
             errors: Errors::default(),
@@ -114,11 +119,13 @@ impl Outcome {
         }
     }
 
-    fn done(&mut self, result: Result<u64, RequestError>) {
+    /// Records one request, its latency measured from `from` and its service time from `sent`.
+    fn done(&mut self, result: Result<(), RequestError>, from: Instant, sent: Instant) {
         match result {
-            Ok(latency_us) => {
+            Ok(()) => {
                 self.ok += 1;
-                self.latency.saturating_record(latency_us);
+                self.latency.saturating_record(micros(from.elapsed()));
+                self.service.saturating_record(micros(sent.elapsed()));
             }
             Err(e) => self.errors.count(&e),
         }
@@ -133,6 +140,11 @@ impl Outcome {
     /// Latency at quantile `q`, in milliseconds.
     pub fn ms(&self, q: f64) -> f64 {
         self.latency.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    /// Service time at quantile `q`, in milliseconds.
+    pub fn service_ms(&self, q: f64) -> f64 {
+        self.service.value_at_quantile(q) as f64 / 1000.0
     }
 }
 
@@ -315,7 +327,7 @@ pub async fn open_loop(
                     .send_lag
                     .saturating_record(micros(sent.saturating_duration_since(intended)));
                 let result = conn.request(REQUEST_TIMEOUT.min(hard_end - sent)).await;
-                lock(&shared).done(result.map(|()| micros(intended.elapsed())));
+                lock(&shared).done(result, intended, sent);
             }
         }));
     }
@@ -360,7 +372,7 @@ pub async fn closed_loop(target: &Target, connections: usize, duration: Duration
                 }
                 let result = conn.request(REQUEST_TIMEOUT).await;
                 let failed = result.is_err();
-                lock(&shared).done(result.map(|()| micros(sent.elapsed())));
+                lock(&shared).done(result, sent, sent);
                 if failed {
                     // Do not turn a refusing endpoint into a busy loop of errors.
                     tokio::time::sleep(Duration::from_millis(1)).await;

@@ -4,6 +4,7 @@
 mod app;
 mod certs;
 mod cli;
+mod jitter;
 mod loadgen;
 mod mandate;
 mod nginx;

@@ -5,6 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::cli::BenchArgs;
+use crate::jitter::Jitter;
 use crate::topology::{Kind, Measured, ProcResult, Status, TopologyResult};
 
 /// Issue target: p99 the pair may add over a direct call at 1000 req/s, in ms.
@@ -96,6 +97,8 @@ pub struct Report {
     pub wall: Duration,
     /// The run's scratch directory, shown as `<tmp>` in the report.
     pub tmp: String,
+    /// Wake-up jitter of each benchmark CPU, measured before the topologies.
+    pub jitter: Vec<Jitter>,
 }
 
 impl Report {
@@ -106,16 +109,36 @@ impl Report {
         })
     }
 
-    /// p99 of `kind` minus direct p99, ms.
+    /// p99 of `kind` minus direct p99 (fixed-rate phase, from intended send times), ms.
     fn added_p99(&self, kind: Kind) -> Option<f64> {
         let base = self.measured(Kind::Direct)?;
         let m = self.measured(kind)?;
         Some(m.open.ms(0.99) - base.open.ms(0.99))
     }
+
+    /// The same difference for service time (from actual send), ms.
+    fn added_service_p99(&self, kind: Kind) -> Option<f64> {
+        let base = self.measured(Kind::Direct)?;
+        let m = self.measured(kind)?;
+        Some(m.open.service_ms(0.99) - base.open.service_ms(0.99))
+    }
+
+    /// The load CPUs' wake-up jitter at p99, in ms (the worst CPU).
+    fn jitter_p99_ms(&self) -> Option<f64> {
+        self.jitter
+            .iter()
+            .map(|j| j.p99_us as f64 / 1000.0)
+            .reduce(f64::max)
+    }
 }
 
 fn cpus(c: &[usize]) -> String {
     c.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// Whether other programs used the benchmark's CPUs enough to distort this topology's figures.
+fn busy(m: &Measured) -> bool {
+    m.noise_rate.other_pct.max(m.noise_sat.other_pct) > NOISY_PCT
 }
 
 fn errors_of(m: &Measured) -> u64 {
@@ -154,11 +177,13 @@ fn row(r: &Report, t: &TopologyResult) -> Vec<String> {
     match &t.status {
         Status::Done(m) => {
             let errs = errors_of(m);
-            let flag = if errs > 0 || !m.crashed.is_empty() {
-                " ⚠"
-            } else {
-                ""
-            };
+            let mut flag = String::new();
+            if errs > 0 || !m.crashed.is_empty() {
+                flag.push_str(" ⚠");
+            }
+            if busy(m) {
+                flag.push_str(" (busy machine)");
+            }
             vec![
                 format!("{label}{flag}"),
                 format!("{:.3}", m.open.ms(0.5)),
@@ -260,10 +285,11 @@ pub fn terminal_table(r: &Report) -> String {
         }
     }
     out.push('\n');
+    let _ = writeln!(out, "machine wake-up jitter: {}", jitter_text(&r.jitter));
     for t in &r.results {
         if let Status::Done(m) = &t.status {
             let worst = m.noise_rate.other_pct.max(m.noise_sat.other_pct);
-            if worst > NOISY_PCT {
+            if busy(m) {
                 let _ = writeln!(
                     out,
                     "warning: {}: other programs used up to {worst:.0}% of a core on the benchmark's CPUs; \
@@ -279,6 +305,18 @@ pub fn terminal_table(r: &Report) -> String {
     out
 }
 
+fn jitter_text(j: &[Jitter]) -> String {
+    j.iter()
+        .map(|j| {
+            format!(
+                "CPU {}: p50 {} µs, p99 {} µs, p99.9 {} µs, max {} µs",
+                j.cpu, j.p50_us, j.p99_us, j.p999_us, j.max_us
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// The issue's targets: (name, measured, target, verdict).
 fn targets(r: &Report) -> Vec<(String, String, String, String)> {
     let mut t = Vec::new();
@@ -292,13 +330,22 @@ fn targets(r: &Report) -> Vec<(String, String, String, String)> {
     };
     let mandate = r.measured(Kind::Mandate);
     let nginx = r.measured(Kind::Nginx);
+    let any_busy = r.results.iter().any(|t| match &t.status {
+        Status::Done(m) => busy(m),
+        _ => false,
+    });
     let verdict = |ok: bool, m: &Measured| {
-        if errors_of(m) > 0 {
-            "FAIL (run had errors)".to_owned()
+        let v = if errors_of(m) > 0 {
+            "FAIL (run had errors)"
         } else if ok {
-            "pass".to_owned()
+            "pass"
         } else {
-            "FAIL".to_owned()
+            "FAIL"
+        };
+        if any_busy {
+            format!("{v} (machine was busy: rerun to confirm)")
+        } else {
+            v.to_owned()
         }
     };
     let na = |why: &str| ("n/a".to_owned(), format!("not measured ({why})"));
@@ -307,10 +354,21 @@ fn targets(r: &Report) -> Vec<(String, String, String, String)> {
         (Some(m), Some(added)) => {
             let nginx_note = r
                 .added_p99(Kind::Nginx)
-                .map(|n| format!(" (nginx pair: {n:+.3} ms)"))
+                .map(|n| format!("; nginx pair {n:+.3} ms"))
+                .unwrap_or_default();
+            let service = r
+                .added_service_p99(Kind::Mandate)
+                .map(|v| format!("; service time {v:+.3} ms"))
+                .unwrap_or_default();
+            let jitter = r
+                .jitter_p99_ms()
+                .map(|j| format!("; machine wake-up jitter p99 {j:.3} ms"))
                 .unwrap_or_default();
             (
-                format!("{added:+.3} ms{nginx_note}"),
+                format!(
+                    "{added:+.3} ms ({}{service}{nginx_note}{jitter})",
+                    "from intended send time"
+                ),
                 verdict(added <= TARGET_ADDED_P99_MS, m),
             )
         }
@@ -444,6 +502,11 @@ pub fn markdown(r: &Report) -> String {
         a.sat_duration.as_secs_f64()
     );
     let _ = writeln!(s, "- Upstream app: `{}`", r.app_command);
+    let _ = writeln!(
+        s,
+        "- Machine wake-up jitter before the run (how late a thread sleeping 1 ms wakes, 2 s per CPU): {}",
+        jitter_text(&r.jitter)
+    );
     for t in &r.results {
         if let Status::Done(meas) = &t.status {
             for f in meas.facts.iter().filter(|f| !f.is_empty()) {
@@ -483,7 +546,49 @@ pub fn markdown(r: &Report) -> String {
          (coordinated-omission corrected); \"added p99\" is the topology's p99 minus direct's p99. \
          RSS and CPU columns are per proxy (A = caller side, B = app side); nginx figures sum the \
          master and its workers. \"peak RSS\" is VmHWM after saturation. ⚠ marks a run with errors \
-         (non-200 responses, transport errors or timeouts) or a proxy that died.\n"
+         (non-200 responses, transport errors or timeouts) or a proxy that died; \"busy machine\" marks \
+         one during which other programs used more than {NOISY_PCT}% of a core on the benchmark's CPUs \
+         (see *Load generator health*).\n"
+    );
+
+    let _ = writeln!(s, "### Latency detail (fixed-rate phase)\n");
+    let _ = writeln!(
+        s,
+        "| topology | p50 | p90 | p99 | p99.9 | max | service p50 | service p99 | service p99.9 | added p99 | added service p99 |\n{}",
+        md_sep(11)
+    );
+    for t in &r.results {
+        let Status::Done(meas) = &t.status else {
+            continue;
+        };
+        let o = &meas.open;
+        let added = |v: Option<f64>| match (t.kind, v) {
+            (Kind::Direct, _) | (_, None) => "–".to_owned(),
+            (_, Some(v)) => format!("{v:+.3}"),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} |",
+            t.kind.label(),
+            o.ms(0.5),
+            o.ms(0.9),
+            o.ms(0.99),
+            o.ms(0.999),
+            o.latency.max() as f64 / 1000.0,
+            o.service_ms(0.5),
+            o.service_ms(0.99),
+            o.service_ms(0.999),
+            added(r.added_p99(t.kind)),
+            added(r.added_service_p99(t.kind)),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nAll in ms. The first columns are measured from each request's intended send time (what a \
+         caller on a fixed schedule experiences); *service* columns from when the generator actually \
+         sent it, which leaves out the generator's own dispatch delay (see *Load generator health*). \
+         Both include this machine's wake-up jitter on every hop (see *Run*), which on a virtual \
+         machine is often larger than the 0.3 ms budget itself.\n"
     );
 
     let _ = writeln!(s, "### Targets\n");

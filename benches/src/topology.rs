@@ -14,7 +14,7 @@ use crate::loadgen::{self, Outcome, Target};
 use crate::procs::{self, Child, Pinner, Spawn, TempDir};
 use crate::report::{self, Machine, Report};
 use crate::rss::{self, Mem, Sampler};
-use crate::{mandate, nginx};
+use crate::{jitter, mandate, nginx};
 
 /// Response body size of the upstream app.
 pub const BODY_BYTES: usize = 1024;
@@ -22,6 +22,8 @@ pub const BODY_BYTES: usize = 1024;
 pub const TOOL_AUTHORITY: &str = "tool:8080";
 /// Pause after start (and after warm-up) before reading "idle" memory, so start-up work has finished.
 const SETTLE: Duration = Duration::from_secs(1);
+/// How long the machine's wake-up jitter is measured before the topologies run.
+const JITTER_TIME: Duration = Duration::from_secs(2);
 /// How often memory is sampled during the fixed-rate phase.
 const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 
@@ -216,6 +218,11 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let started = Instant::now();
+    let mut all_cpus: Vec<usize> = cpus_load.iter().chain(&cpus_proxy).copied().collect();
+    all_cpus.sort_unstable();
+    all_cpus.dedup();
+    eprintln!("== machine jitter: 1 ms sleeps on CPUs {all_cpus:?} for {JITTER_TIME:?}");
+    let jitter = jitter::measure(&all_cpus, JITTER_TIME);
     let results = rt.block_on(run_all(args, &cpus_proxy, &cpus_load))?;
     let tmp = results.tmp.display().to_string();
     let report = Report {
@@ -229,6 +236,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         app_command: results.app_command,
         tmp,
         wall: started.elapsed(),
+        jitter,
     };
     println!("{}", report::terminal_table(&report));
     if let Some(path) = &args.report {
@@ -407,6 +415,7 @@ async fn phases(
         "   fixed rate: {} req/s for {:?} over {} connections",
         args.rate, args.duration, args.connections
     );
+    wait_quiet(&bench_cpus, &pids, app_pid, args.quiet_wait).await;
     let (cpu0, load0) = (cpu_all(), load_cpu());
     let snap0 = snapshot(&cpu0, load0);
     let sampler = Sampler::start(pids.clone(), SAMPLE_EVERY);
@@ -421,10 +430,13 @@ async fn phases(
         "   saturation: {} connections for {:?}",
         args.sat_connections, args.sat_duration
     );
+    wait_quiet(&bench_cpus, &pids, app_pid, args.quiet_wait).await;
+    let (cpu_sat0, load_sat0) = (cpu_all(), load_cpu());
+    let snap_sat0 = snapshot(&cpu_sat0, load_sat0);
     let sat = loadgen::closed_loop(&r.target, args.sat_connections, args.sat_duration).await;
     let (cpu2, load2) = (cpu_all(), load_cpu());
     let snap2 = snapshot(&cpu2, load2);
-    let noise_sat = Noise::between(snap1, snap2, sat.elapsed.as_secs_f64());
+    let noise_sat = Noise::between(snap_sat0, snap2, sat.elapsed.as_secs_f64());
     let after_sat = sample_all();
 
     let mut crashed = Vec::new();
@@ -448,7 +460,7 @@ async fn phases(
             after_rate: after_rate[i],
             after_sat: after_sat[i],
             cpu_rate_s: cpu1[i] - cpu0[i],
-            cpu_sat_s: cpu2[i] - cpu1[i],
+            cpu_sat_s: cpu2[i] - cpu_sat0[i],
         })
         .collect();
     Ok(Measured {
@@ -457,11 +469,48 @@ async fn phases(
         sat,
         procs,
         load_cpu_rate_s: load1 - load0,
-        load_cpu_sat_s: load2 - load1,
+        load_cpu_sat_s: load2 - load_sat0,
         noise_rate,
         noise_sat,
         crashed,
         facts: r.facts.clone(),
         configs: r.configs.clone(),
     })
+}
+
+/// Waits (at most `max`) until programs other than ours use under 5% of a core on `cpus`.
+async fn wait_quiet(cpus: &[usize], pids: &[u32], app_pid: u32, max: Duration) {
+    if max.is_zero() {
+        return;
+    }
+    let ours = || {
+        pids.iter().map(|&p| rss::cpu_seconds(p)).sum::<f64>()
+            + rss::cpu_seconds_of(&[std::process::id(), app_pid])
+    };
+    let window = Duration::from_millis(500);
+    let deadline = Instant::now() + max;
+    let mut told = false;
+    loop {
+        let (cpu0, ours0) = (rss::cpu_times(cpus), ours());
+        tokio::time::sleep(window).await;
+        let other =
+            ((rss::cpu_times(cpus) - cpu0).busy_s - (ours() - ours0)) / window.as_secs_f64();
+        if other < 0.05 {
+            return;
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "   machine still busy ({:.0}% of a core) after {max:?}; measuring anyway",
+                other * 100.0
+            );
+            return;
+        }
+        if !told {
+            eprintln!(
+                "   waiting for other programs to leave CPUs {cpus:?} ({:.0}% of a core busy)",
+                other * 100.0
+            );
+            told = true;
+        }
+    }
 }
