@@ -276,11 +276,14 @@ mod tests {
         ));
     }
 
+    /// A change that breaks one SVID rule.
+    type Edit<'a> = Box<dyn FnOnce(&mut CertificateParams) + 'a>;
+
     #[test]
     fn each_broken_svid_rule_is_named() {
         let ca = CertificateAuthority::generate(td(), Duration::from_secs(86400)).unwrap();
         let uri = |s: &str| SanType::URI(s.try_into().unwrap());
-        let cases: Vec<(Box<dyn FnOnce(&mut CertificateParams)>, &str)> = vec![
+        let cases: Vec<(Edit<'_>, &str)> = vec![
             (
                 Box::new(|p| {
                     p.subject_alt_names

@@ -10,8 +10,9 @@ use mandate_identity::TrustDomain;
 use serde::Deserialize;
 
 use crate::authz::Enforcement;
-use crate::policy::PolicySource;
+use crate::policy::{EngineChoiceSetting, PolicySource};
 use crate::routes::{Route, RouteTable};
+use mandate_rego::EngineChoice;
 
 /// Environment variable holding routes, separated by `;` (a route itself contains commas).
 const ROUTE_ENV: &str = "MANDATE_ROUTE";
@@ -121,6 +122,10 @@ pub struct Args {
     /// Policy evaluation time limit, e.g. 50ms; past it the call is denied [default: 50ms].
     #[arg(long, env = "MANDATE_POLICY_TIMEOUT")]
     pub policy_timeout: Option<String>,
+    /// Policy evaluator: auto (register VM when it can run the policy, with sampled interpreter
+    /// cross-checks), rvm, or interpreter [default: auto].
+    #[arg(long, env = "MANDATE_POLICY_ENGINE")]
+    pub policy_engine: Option<String>,
 }
 
 impl Args {
@@ -165,6 +170,7 @@ impl Args {
             decision_log: self.decision_log.or(file.decision_log),
             body_limit: self.body_limit.or(file.body_limit),
             policy_timeout: self.policy_timeout.or(file.policy_timeout),
+            policy_engine: self.policy_engine.or(file.policy_engine),
         })
     }
 }
@@ -319,6 +325,7 @@ fn policy_config(args: &Args) -> Result<Option<PolicyConfig>, ConfigError> {
             (args.decision_log.is_some(), "--decision-log"),
             (args.body_limit.is_some(), "--body-limit"),
             (args.policy_timeout.is_some(), "--policy-timeout"),
+            (args.policy_engine.is_some(), "--policy-engine"),
         ] {
             if given {
                 return Err(field(name, "only means something with --policy".into()));
@@ -333,11 +340,23 @@ fn policy_config(args: &Args) -> Result<Option<PolicyConfig>, ConfigError> {
     }
     let body_limit = parse_size(args.body_limit.as_deref().unwrap_or("1MiB"))
         .map_err(|why| field("--body-limit", why))?;
+    let engine = match args.policy_engine.as_deref().unwrap_or("auto") {
+        "auto" => EngineChoiceSetting(EngineChoice::Auto, "auto"),
+        "rvm" => EngineChoiceSetting(EngineChoice::Vm, "rvm"),
+        "interpreter" => EngineChoiceSetting(EngineChoice::Interpreter, "interpreter"),
+        other => {
+            return Err(field(
+                "--policy-engine",
+                format!("{other:?} is not an engine (use auto, rvm or interpreter)"),
+            ));
+        }
+    };
     Ok(Some(PolicyConfig {
         source: PolicySource {
             path: path.clone(),
             data: args.data.clone(),
             time_limit,
+            engine,
         },
         enforcement: Enforcement {
             dry_run: args.dry_run,

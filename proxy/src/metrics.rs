@@ -50,6 +50,7 @@ pub struct Metrics {
     pub policy_eval: Histogram,
     policy_info: IntGaugeVec,
     policy_load_errors: IntCounter,
+    policy_engine_divergences: IntCounter,
     /// Decision records that could not be queued for the decision log (must stay 0).
     pub decisions_dropped: IntCounter,
 }
@@ -140,14 +141,19 @@ impl Metrics {
         let policy_info = IntGaugeVec::new(
             Opts::new(
                 "mandate_policy_info",
-                "The policy version in force (value 1).",
+                "The policy version in force and the engine evaluating it (value 1).",
             ),
-            &["version"],
+            &["version", "engine"],
         )
         .expect("valid metric");
         let policy_load_errors = IntCounter::new(
             "mandate_policy_load_errors_total",
             "Policy loads or reloads rejected (compile error, bad data, no entry point).",
+        )
+        .expect("valid metric");
+        let policy_engine_divergences = IntCounter::new(
+            "mandate_policy_engine_divergences_total",
+            "Sampled decisions on which the policy VM and the interpreter disagreed (the policy then runs on the interpreter).",
         )
         .expect("valid metric");
         let decisions_dropped = IntCounter::new(
@@ -166,6 +172,7 @@ impl Metrics {
             Box::new(policy_eval.clone()),
             Box::new(policy_info.clone()),
             Box::new(policy_load_errors.clone()),
+            Box::new(policy_engine_divergences.clone()),
             Box::new(decisions_dropped.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -190,6 +197,7 @@ impl Metrics {
             policy_eval,
             policy_info,
             policy_load_errors,
+            policy_engine_divergences,
             decisions_dropped,
         }
     }
@@ -232,10 +240,18 @@ impl Metrics {
             .inc();
     }
 
-    /// Marks `version` as the policy in force.
-    pub fn policy_loaded(&self, version: &str) {
+    /// Marks `version` as the policy in force, evaluated by `engine`.
+    pub fn policy_loaded(&self, version: &str, engine: &str) {
         self.policy_info.reset();
-        self.policy_info.with_label_values(&[version]).set(1);
+        self.policy_info
+            .with_label_values(&[version, engine])
+            .set(1);
+    }
+
+    /// Counts a VM/interpreter disagreement; the policy now runs on the interpreter.
+    pub fn policy_engine_divergence(&self, version: &str) {
+        self.policy_engine_divergences.inc();
+        self.policy_loaded(version, "interpreter");
     }
 
     /// Counts a rejected policy load.

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use mandate_rego::{Policy, PolicyError, Value, read_data, read_modules};
+use mandate_rego::{
+    Divergence, DivergenceHook, EngineChoice, Policy, PolicyError, Value, read_data, read_modules,
+};
 
 use crate::metrics::Metrics;
 
@@ -21,6 +23,19 @@ pub struct PolicySource {
     /// Evaluation time limit.
     #[serde(with = "humantime_serde_compat")]
     pub time_limit: Duration,
+    /// Which evaluator runs the policy.
+    #[serde(serialize_with = "crate::routes::serialize_display")]
+    pub engine: EngineChoiceSetting,
+}
+
+/// `--policy-engine`, as given.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineChoiceSetting(pub EngineChoice, pub &'static str);
+
+impl std::fmt::Display for EngineChoiceSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.1)
+    }
 }
 
 mod humantime_serde_compat {
@@ -80,7 +95,17 @@ impl PolicyStore {
 
     /// Re-reads and recompiles; on failure the current policy stays in force.
     pub fn reload(&self) -> Result<(), PolicyError> {
-        let loaded = compile(&self.source);
+        let metrics = self.metrics.clone();
+        let on_divergence: DivergenceHook = Arc::new(move |d: &Divergence| {
+            tracing::error!(
+                version = %d.version,
+                vm = %d.vm,
+                interpreter = %d.interpreter,
+                "the policy VM disagreed with the interpreter on a sampled decision; this policy now runs on the interpreter"
+            );
+            metrics.policy_engine_divergence(&d.version);
+        });
+        let loaded = compile(&self.source, on_divergence);
         match loaded {
             Ok(loaded) => {
                 let version = loaded.policy.version().to_owned();
@@ -90,8 +115,12 @@ impl PolicyStore {
                     .as_ref()
                     .is_some_and(|c| c.policy.version() == version);
                 if !unchanged {
-                    tracing::info!(%version, path = %self.source.path.display(), "policy loaded");
-                    self.metrics.policy_loaded(&version);
+                    let engine = loaded.policy.engine().as_str();
+                    if let Some(note) = loaded.policy.engine_note() {
+                        tracing::warn!(%version, "{note}");
+                    }
+                    tracing::info!(%version, engine, path = %self.source.path.display(), "policy loaded");
+                    self.metrics.policy_loaded(&version, engine);
                     self.current.store(Some(Arc::new(loaded)));
                 }
                 Ok(())
@@ -119,12 +148,21 @@ impl PolicyStore {
     }
 }
 
-fn compile(source: &PolicySource) -> Result<LoadedPolicy, PolicyError> {
+fn compile(
+    source: &PolicySource,
+    on_divergence: DivergenceHook,
+) -> Result<LoadedPolicy, PolicyError> {
     let modules = read_modules(&source.path)?;
     let data = match &source.data {
         Some(path) => read_data(path)?,
         None => Value::new_object(),
     };
-    let policy = Policy::compile(&modules, data.clone(), source.time_limit)?;
+    let policy = Policy::compile_with(
+        &modules,
+        data.clone(),
+        source.time_limit,
+        source.engine.0,
+        Some(on_divergence),
+    )?;
     Ok(LoadedPolicy { policy, data })
 }

@@ -9,7 +9,9 @@ mod policy;
 mod source;
 mod testing;
 
-pub use policy::{EntryPoint, EvalError, Policy, Verdict};
+pub use policy::{
+    Divergence, DivergenceHook, EngineChoice, EngineKind, EntryPoint, EvalError, Policy, Verdict,
+};
 pub use regorus::Value;
 pub use source::{Module, PolicyError, read_data, read_modules};
 pub use testing::{TestOutcome, TestStatus, run_tests};
