@@ -463,10 +463,11 @@ pub fn markdown(r: &Report) -> String {
         m.date,
         r.wall.as_secs_f64()
     );
+    let _ = writeln!(s, "- Command: `{}`", r.command);
     let _ = writeln!(
         s,
-        "- Command: `{}` (what `make bench` runs after `cargo build --release --workspace --bins`)",
-        r.command
+        "- `make bench` runs `cargo build --release --workspace --bins` then \
+         `target/release/mandate-bench --bin-dir target/release --report docs/benchmarks.md`"
     );
     if let Some(g) = &m.git {
         let _ = writeln!(s, "- Source: `{g}`");
