@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper::header::{HOST, HeaderMap, HeaderName, HeaderValue};
-use hyper::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::header::{ACCEPT, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
@@ -78,14 +78,45 @@ pub async fn get(
     host: &str,
     headers: &[(&str, &str)],
 ) -> Result<Response, ClientError> {
-    let mut request = Request::get(target).header(HOST, host);
+    send(addr, Method::GET, target, host, headers, Bytes::new()).await
+}
+
+/// Sends `POST target` with a JSON body, accepting JSON or an event stream back as MCP's streamable
+/// HTTP transport does.
+pub async fn post_json(
+    addr: SocketAddr,
+    target: &str,
+    host: &str,
+    body: &serde_json::Value,
+) -> Result<Response, ClientError> {
+    let headers = [
+        (CONTENT_TYPE.as_str(), "application/json"),
+        (ACCEPT.as_str(), "application/json, text/event-stream"),
+    ];
+    let body = Bytes::from(body.to_string());
+    send(addr, Method::POST, target, host, &headers, body).await
+}
+
+/// Sends one request (an empty `body` sends none) and reads the whole response.
+pub async fn send(
+    addr: SocketAddr,
+    method: Method,
+    target: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<Response, ClientError> {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(target)
+        .header(HOST, host);
     for (name, value) in headers {
         request = request.header(
             HeaderName::from_bytes(name.as_bytes()).map_err(hyper::http::Error::from)?,
             HeaderValue::from_str(value).map_err(hyper::http::Error::from)?,
         );
     }
-    let request = request.body(Empty::<Bytes>::new())?;
+    let request = request.body(Full::new(body))?;
     tokio::time::timeout(REQUEST_TIMEOUT, exchange(addr, request))
         .await
         .map_err(|_| ClientError::Timeout(addr))?
@@ -93,7 +124,7 @@ pub async fn get(
 
 async fn exchange(
     addr: SocketAddr,
-    request: Request<Empty<Bytes>>,
+    request: Request<Full<Bytes>>,
 ) -> Result<Response, ClientError> {
     let stream = TcpStream::connect(addr)
         .await

@@ -65,6 +65,12 @@ pub struct SidecarSpec {
     pub app: Option<SocketAddr>,
     /// `--route` values.
     pub routes: Vec<String>,
+    /// `--policy`: the Rego policy directory.
+    pub policy: PathBuf,
+    /// `--data`: the policy's JSON data (the registry).
+    pub data: PathBuf,
+    /// `--decision-log`: where decisions are written, one JSON line each.
+    pub decision_log: PathBuf,
 }
 
 impl SidecarSpec {
@@ -85,6 +91,12 @@ impl SidecarSpec {
             self.inbound.to_string().into(),
             "--admin".into(),
             self.admin.to_string().into(),
+            "--policy".into(),
+            self.policy.clone().into(),
+            "--data".into(),
+            self.data.clone().into(),
+            "--decision-log".into(),
+            self.decision_log.clone().into(),
         ];
         if let Some(app) = self.app {
             args.extend(["--app".into(), app.to_string().into()]);
