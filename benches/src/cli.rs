@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
+
+use crate::topology::Kind;
 
 /// Measures the mandate-proxy sidecar pair against a direct call and an nginx mTLS pair.
 #[derive(Debug, Parser)]
@@ -38,17 +40,6 @@ pub struct AppArgs {
     /// Size of the response body in bytes.
     #[arg(long, default_value_t = 1024)]
     pub body_bytes: usize,
-}
-
-/// Which topologies a run measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Only {
-    /// client → app
-    Direct,
-    /// client → mandate-proxy → mTLS → mandate-proxy → app
-    Mandate,
-    /// client → nginx → mTLS → nginx → app
-    Nginx,
 }
 
 /// Options of a benchmark run.
@@ -98,7 +89,7 @@ pub struct BenchArgs {
     pub cpus_load: String,
     /// Measure only these topologies (comma-separated); direct is always measured as the baseline.
     #[arg(long, value_delimiter = ',')]
-    pub only: Vec<Only>,
+    pub only: Vec<Kind>,
     /// Before each measured phase, wait up to this long for other programs to leave the benchmark's
     /// CPUs (under 5% of a core busy) so a passing build job does not land in the figures; 0s
     /// measures at once.
@@ -111,11 +102,11 @@ pub struct BenchArgs {
 
 impl BenchArgs {
     /// Whether topology `t` is part of this run.
-    pub fn wants(&self, t: Only) -> bool {
-        if t == Only::Nginx && self.skip_nginx {
+    pub fn wants(&self, t: Kind) -> bool {
+        if t == Kind::Nginx && self.skip_nginx {
             return false;
         }
-        t == Only::Direct || self.only.is_empty() || self.only.contains(&t)
+        t == Kind::Direct || self.only.is_empty() || self.only.contains(&t)
     }
 }
 

@@ -9,7 +9,7 @@ use anyhow::{Context as _, bail};
 use http::{HeaderValue, Uri};
 
 use crate::certs::{self, Certs};
-use crate::cli::{BenchArgs, Only};
+use crate::cli::BenchArgs;
 use crate::loadgen::{self, Outcome, Target};
 use crate::procs::{self, Child, Pinner, Spawn, TempDir};
 use crate::report::{self, Machine, Report};
@@ -28,7 +28,7 @@ const JITTER_TIME: Duration = Duration::from_secs(2);
 const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 
 /// The topologies, in the order they run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Kind {
     /// client → app.
     Direct,
@@ -212,7 +212,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     if args.rate == 0 || args.connections == 0 || args.sat_connections == 0 || args.workers == 0 {
         bail!("--rate, --connections, --sat-connections and --workers must be at least 1");
     }
-    // Threads started from here on (runtime, pacer, sampler) inherit the load CPUs.
+    // Threads started from here on (the runtime, the memory sampler) inherit the load CPUs.
     procs::pin_current_thread(&cpus_load)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -304,13 +304,9 @@ async fn run_all(
     };
 
     let mut topologies = Vec::new();
-    for (kind, only) in [
-        (Kind::Direct, Only::Direct),
-        (Kind::Mandate, Only::Mandate),
-        (Kind::Nginx, Only::Nginx),
-    ] {
-        let status = if !args.wants(only) {
-            Status::Skipped(if only == Only::Nginx && args.skip_nginx {
+    for kind in [Kind::Direct, Kind::Mandate, Kind::Nginx] {
+        let status = if !args.wants(kind) {
+            Status::Skipped(if kind == Kind::Nginx && args.skip_nginx {
                 "--skip-nginx".to_owned()
             } else {
                 "not selected (--only)".to_owned()
