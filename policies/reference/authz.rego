@@ -11,7 +11,9 @@
 #   host, port, protocol ("http" | "tcp"), method, path,
 #   mcp (JSON-RPC method), tool (tools/call), resource (resources/read URI), prompt (prompts/get)
 # e.g. {"host": "github", "tool": "search_*"} or {"host": "api.internal", "method": "GET", "path": "/v1/*"}.
-# Patterns follow OPA's glob.match with "." as the separator: `*` stays within a dot-separated part.
+# Patterns follow OPA's glob.match: in `host`, `*` stays within one DNS label ("*.example.com");
+# elsewhere `*` stays within one "/"-separated segment ("/v1/*" matches "/v1/items.json", not
+# "/v1/a/b"; write "/v1/**" for any depth).
 #
 # Written for speed on regorus' register VM as well as its interpreter: the call's attributes are
 # built once and exact scopes are a single native object.subset test.
@@ -81,17 +83,21 @@ globs_match(scope, attributes) if {
 	some any_pattern in scope
 	is_glob(any_pattern)
 	every field, pattern in scope {
-		field_matches(attributes[field], pattern)
+		field_matches(field, attributes[field], pattern)
 	}
 }
 
-field_matches(value, pattern) if pattern == value
+field_matches(_, value, pattern) if pattern == value
 
-field_matches(value, pattern) if {
+field_matches(field, value, pattern) if {
 	value != null
 	is_glob(pattern)
-	glob.match(pattern, [], sprintf("%v", [value]))
+	glob.match(pattern, separators(field), sprintf("%v", [value]))
 }
+
+separators("host") := ["."]
+
+separators(field) := ["/"] if field != "host"
 
 is_glob(pattern) if {
 	is_string(pattern)

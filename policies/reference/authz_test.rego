@@ -82,6 +82,17 @@ test_streamable_http_session_requests_are_plumbing if {
 	not authz.decision.allow with input as http_call("GET", "tool", "/mcp")
 }
 
+test_path_globs_stay_within_a_segment if {
+	authz.decision.allow with input as http_call("GET", "api", "/v1/items.json")
+	not authz.decision.allow with input as http_call("GET", "api", "/v1/items/42")
+}
+
+test_host_globs_stay_within_a_label if {
+	wildcard := object.union(research, {"ceiling": [{"host": "*.internal", "method": "GET"}]})
+	authz.decision.allow with input as object.union(http_call("GET", "api.internal", "/"), {"registry": wildcard})
+	not authz.decision.allow with input as object.union(http_call("GET", "evil.api.internal", "/"), {"registry": wildcard})
+}
+
 test_plain_http_by_method_and_path if {
 	authz.decision.allow with input as http_call("GET", "api", "/v1/items")
 	not authz.decision.allow with input as http_call("POST", "api", "/v1/items")

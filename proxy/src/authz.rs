@@ -60,7 +60,8 @@ impl Decision {
         self.allow || !self.enforced
     }
 
-    fn header_value(&self) -> HeaderValue {
+    /// The id as an `x-mandate-decision-id` value.
+    pub fn header_value(&self) -> HeaderValue {
         HeaderValue::from_str(&self.id.to_string()).expect("a UUID is a valid header value")
     }
 }
@@ -79,6 +80,13 @@ struct CallSummary {
 pub struct AuthorizedHttp {
     decisions: Vec<(Decision, Option<McpRecord>)>,
     summary: CallSummary,
+}
+
+impl AuthorizedHttp {
+    /// `x-mandate-decision-id` for the call (its first decision; a batch has one per element).
+    pub fn decision_id(&self) -> Option<HeaderValue> {
+        self.decisions.first().map(|(d, _)| d.header_value())
+    }
 }
 
 /// Decides and records calls against the policy in force.
@@ -381,6 +389,31 @@ impl Authorizer {
                 summary,
             },
         ))
+    }
+
+    /// Records a call refused before policy could decide it (no route), and returns its decision.
+    pub fn refuse_unrouted(
+        &self,
+        source: &SpiffeId,
+        destination: Destination<'_>,
+        parts: &Parts,
+        reason: String,
+    ) -> Decision {
+        let facts = CallFacts {
+            direction: Direction::Outbound,
+            source,
+            destination,
+            request: None,
+            mcp: None,
+        };
+        let decision = self.refusal(Direction::Outbound, reason);
+        self.record(
+            &summarize(&facts, Some(parts)),
+            &decision,
+            None,
+            Some(StatusCode::FORBIDDEN),
+        );
+        decision
     }
 
     /// Stamps the decision id on the upstream's response and records the call's decisions.

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::authz::Authorizer;
+use crate::authz::{AuthorizedHttp, Authorizer, DECISION_ID};
 use crate::headers::{ProxyBody, json_response, strip_identity_headers};
 use crate::identity::IdentityStore;
 use crate::input::Destination;
@@ -187,6 +187,9 @@ impl Inbound {
                 }
             }
         };
+        if let Some(id) = authorized.as_ref().and_then(AuthorizedHttp::decision_id) {
+            parts.headers.insert(DECISION_ID.clone(), id);
+        }
         parts
             .headers
             .insert(X_MANDATE_PEER.clone(), stamp.peer.clone());

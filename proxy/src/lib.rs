@@ -142,7 +142,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         outbound = %config.outbound,
         inbound = %config.inbound,
         admin = %config.admin,
-        "mandate-proxy ready"
+        policy_loaded = authz.as_ref().map(|a| a.has_policy()),
+        "mandate-proxy serving (/readyz says when it is ready)"
     );
 
     shutdown_signal().await;

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use http::request::Parts;
 use http::uri::Scheme;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{Either, Full};
@@ -17,9 +18,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::authz::Authorizer;
+use crate::authz::{Authorizer, DECISION_ID};
 use crate::headers::{ProxyBody, json_response, strip_identity_headers};
 use crate::identity::IdentityStore;
+use crate::input::Destination;
 use crate::metrics::{ConnectionGuard, Direction, Metrics};
 use crate::relay;
 use crate::routes::{Route, RouteProtocol, RouteTable, split_host_port};
@@ -117,10 +119,11 @@ impl Outbound {
         req: Request<Incoming>,
         pinned: Option<Arc<Route>>,
     ) -> Response<ProxyBody> {
+        let (mut parts, body) = req.into_parts();
         let route = match pinned {
             Some(route) => route,
             None => {
-                let (host, port) = match destination(&req) {
+                let (host, port) = match destination(&parts) {
                     Ok(dest) => dest,
                     Err(why) => {
                         return json_response(
@@ -131,23 +134,12 @@ impl Outbound {
                 };
                 match self.routes.find(&host, port) {
                     Some(route) => route.clone(),
-                    None => {
-                        let dest = format!("{host}:{port}");
-                        tracing::info!(destination = %dest, "refused: no route");
-                        return json_response(
-                            StatusCode::FORBIDDEN,
-                            &json!({
-                                "error": "denied",
-                                "reason": format!("no route to {dest}: destinations outside the mesh are refused"),
-                                "destination": dest,
-                            }),
-                        );
-                    }
+                    None => return self.refuse_unrouted(&parts, &host, port),
                 }
             }
         };
-        if req.method() == Method::CONNECT {
-            return self.connect(req, &route).await;
+        if parts.method == Method::CONNECT {
+            return self.connect(Request::from_parts(parts, body), &route).await;
         }
         if route.protocol == RouteProtocol::Tcp {
             return json_response(
@@ -158,7 +150,6 @@ impl Outbound {
             );
         }
 
-        let (mut parts, body) = req.into_parts();
         strip_identity_headers(&mut parts.headers);
         let identity = self.identity.current();
         let (body, authorized) = match &self.authz {
@@ -203,6 +194,29 @@ impl Outbound {
         if let (Some(authz), Some(authorized)) = (&self.authz, authorized) {
             authz.finish(authorized, &mut resp);
         }
+        resp
+    }
+
+    /// 403 for a destination with no route; recorded as a decision when decisions are kept.
+    fn refuse_unrouted(&self, parts: &Parts, host: &str, port: u16) -> Response<ProxyBody> {
+        let dest = format!("{host}:{port}");
+        let reason = format!("no route to {dest}: destinations outside the mesh are refused");
+        tracing::info!(destination = %dest, "refused: no route");
+        let mut body = json!({"error": "denied", "reason": reason, "destination": dest});
+        let Some(authz) = &self.authz else {
+            return json_response(StatusCode::FORBIDDEN, &body);
+        };
+        let identity = self.identity.current();
+        let destination = Destination {
+            host,
+            port,
+            id: None,
+        };
+        let decision = authz.refuse_unrouted(&identity.svid.id, destination, parts, reason);
+        body["decision_id"] = json!(decision.id.to_string());
+        let mut resp = json_response(StatusCode::FORBIDDEN, &body);
+        resp.headers_mut()
+            .insert(DECISION_ID.clone(), decision.header_value());
         resp
     }
 
@@ -288,16 +302,16 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// Where an explicitly addressed request goes: the URI authority (absolute-form, CONNECT, HTTP/2),
 /// else the `Host` header.
-fn destination(req: &Request<Incoming>) -> Result<(String, u16), String> {
-    let default_port = if req.uri().scheme() == Some(&http::uri::Scheme::HTTPS) {
+fn destination(parts: &Parts) -> Result<(String, u16), String> {
+    let default_port = if parts.uri.scheme() == Some(&Scheme::HTTPS) {
         443
     } else {
         80
     };
-    let authority = match req.uri().authority() {
+    let authority = match parts.uri.authority() {
         Some(a) => a.as_str(),
-        None => req
-            .headers()
+        None => parts
+            .headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .ok_or("request names no destination: send absolute-form (via HTTP_PROXY), CONNECT, or a Host header")?,

@@ -3,12 +3,13 @@
 //! message and the previous one stays in force.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use mandate_rego::{
-    Divergence, DivergenceHook, EngineChoice, Policy, PolicyError, Value, read_data, read_modules,
+    Divergence, DivergenceHook, EngineChoice, Module, Policy, PolicyError, Value, read_data,
+    read_modules, version_of,
 };
 
 use crate::metrics::Metrics;
@@ -72,6 +73,9 @@ impl LoadedPolicy {
 /// The policy in force, if any has loaded.
 pub struct PolicyStore {
     current: ArcSwapOption<LoadedPolicy>,
+    /// Content hash of the sources last compiled, good or bad: an event that changes nothing
+    /// (a neighbouring file, a touch) neither recompiles nor repeats an error.
+    last_attempt: Mutex<Option<String>>,
     source: PolicySource,
     metrics: Arc<Metrics>,
 }
@@ -81,6 +85,7 @@ impl PolicyStore {
     pub fn load(source: PolicySource, metrics: Arc<Metrics>) -> Self {
         let store = Self {
             current: ArcSwapOption::empty(),
+            last_attempt: Mutex::new(None),
             source,
             metrics,
         };
@@ -105,9 +110,19 @@ impl PolicyStore {
             );
             metrics.policy_engine_divergence(&d.version);
         });
-        let loaded = compile(&self.source, on_divergence);
+        let loaded = read_sources(&self.source).and_then(|(modules, data)| {
+            let version = version_of(&modules, &data);
+            let mut last = self.last_attempt.lock().unwrap_or_else(|p| p.into_inner());
+            if last.as_deref() == Some(version.as_str()) {
+                return Ok(None);
+            }
+            *last = Some(version);
+            drop(last);
+            compile(&self.source, modules, data, on_divergence).map(Some)
+        });
         match loaded {
-            Ok(loaded) => {
+            Ok(None) => Ok(()),
+            Ok(Some(loaded)) => {
                 let version = loaded.policy.version().to_owned();
                 let unchanged = self
                     .current
@@ -148,15 +163,21 @@ impl PolicyStore {
     }
 }
 
-fn compile(
-    source: &PolicySource,
-    on_divergence: DivergenceHook,
-) -> Result<LoadedPolicy, PolicyError> {
+fn read_sources(source: &PolicySource) -> Result<(Vec<Module>, Value), PolicyError> {
     let modules = read_modules(&source.path)?;
     let data = match &source.data {
         Some(path) => read_data(path)?,
         None => Value::new_object(),
     };
+    Ok((modules, data))
+}
+
+fn compile(
+    source: &PolicySource,
+    modules: Vec<Module>,
+    data: Value,
+    on_divergence: DivergenceHook,
+) -> Result<LoadedPolicy, PolicyError> {
     let policy = Policy::compile_with(
         &modules,
         data.clone(),

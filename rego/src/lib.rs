@@ -11,6 +11,7 @@ mod testing;
 
 pub use policy::{
     Divergence, DivergenceHook, EngineChoice, EngineKind, EntryPoint, EvalError, Policy, Verdict,
+    version_of,
 };
 pub use regorus::Value;
 pub use source::{Module, PolicyError, read_data, read_modules};

@@ -524,7 +524,8 @@ fn short_json(v: &Value) -> String {
     s
 }
 
-fn version_of(modules: &[Module], data: &Value) -> String {
+/// Content hash of modules and data (12 hex digits): the version every decision records.
+pub fn version_of(modules: &[Module], data: &Value) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     for m in modules {
         for part in [m.path.as_bytes(), m.text.as_bytes()] {
