@@ -69,6 +69,10 @@ pub struct BenchArgs {
     /// Length of the saturation phase.
     #[arg(long, default_value = "8s", value_parser = parse_duration)]
     pub sat_duration: Duration,
+    /// Rounds each phase is cut into; the rounds rotate through the topologies so that load
+    /// elsewhere on the machine hits them alike.
+    #[arg(long, default_value_t = 4)]
+    pub rounds: u32,
     /// Worker threads of each mandate-proxy and worker processes of each nginx (the same for fairness).
     #[arg(long, default_value_t = 1)]
     pub workers: usize,

@@ -119,6 +119,24 @@ impl Outcome {
         }
     }
 
+    /// Adds another round of the same phase: counts and histograms add up, and so do durations.
+    pub fn absorb(&mut self, other: Outcome) {
+        // Same bounds on both sides, so adding cannot fail.
+        let _ = self.latency.add(&other.latency);
+        let _ = self.service.add(&other.service);
+        let _ = self.send_lag.add(&other.send_lag);
+        self.ok += other.ok;
+        self.errors.status += other.errors.status;
+        self.errors.transport += other.errors.transport;
+        self.errors.timeout += other.errors.timeout;
+        for e in other.errors.samples {
+            if self.errors.samples.len() < 3 && !self.errors.samples.contains(&e) {
+                self.errors.samples.push(e);
+            }
+        }
+        self.elapsed += other.elapsed;
+    }
+
     /// Records one request, its latency measured from `from` and its service time from `sent`.
     fn done(&mut self, result: Result<(), RequestError>, from: Instant, sent: Instant) {
         match result {

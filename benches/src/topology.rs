@@ -24,11 +24,13 @@ pub const TOOL_AUTHORITY: &str = "tool:8080";
 const SETTLE: Duration = Duration::from_secs(1);
 /// How long the machine's wake-up jitter is measured before the topologies run.
 const JITTER_TIME: Duration = Duration::from_secs(2);
+/// How long a started topology may take to answer its first request.
+const PROBE_TIME: Duration = Duration::from_secs(10);
 /// How often memory is sampled during the fixed-rate phase.
 const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 
 /// The topologies, in the order they run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Kind {
     /// client → app.
     Direct,
@@ -153,25 +155,6 @@ pub struct Noise {
     pub steal_pct: f64,
     /// 1-minute load average at the end of the phase.
     pub loadavg: f64,
-}
-
-impl Noise {
-    fn between(before: Snapshot, after: Snapshot, secs: f64) -> Self {
-        let d = after.cpu - before.cpu;
-        let ours = after.ours - before.ours;
-        let secs = secs.max(1e-9);
-        Self {
-            other_pct: ((d.busy_s - ours) / secs * 100.0).max(0.0),
-            steal_pct: d.steal_s / secs * 100.0,
-            loadavg: rss::loadavg(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Snapshot {
-    cpu: rss::CpuTimes,
-    ours: f64,
 }
 
 /// How a topology's run ended.
@@ -304,36 +287,48 @@ async fn run_all(
     };
 
     let mut topologies = Vec::new();
+    let mut live = Vec::new();
     for kind in [Kind::Direct, Kind::Mandate, Kind::Nginx] {
-        let status = if !args.wants(kind) {
-            Status::Skipped(if kind == Kind::Nginx && args.skip_nginx {
-                "--skip-nginx".to_owned()
+        if !env.args.wants(kind) {
+            let why = if kind == Kind::Nginx && args.skip_nginx {
+                "--skip-nginx"
             } else {
-                "not selected (--only)".to_owned()
-            })
-        } else {
-            eprintln!("== {}: starting", kind.label());
-            let started = match kind {
-                Kind::Direct => Ok(direct(&env)),
-                Kind::Mandate => mandate::start(&env).await,
-                Kind::Nginx => nginx::start(&env).await,
+                "not selected (--only)"
             };
-            match started {
-                Err(SetupError::Unavailable(reason)) => Status::Skipped(reason),
-                Err(SetupError::Failed(e)) => Status::Failed(format!("{e:#}")),
-                Ok(mut running) => match phases(kind, &mut running, &env, app.pid()).await {
-                    Ok(m) => Status::Done(Box::new(m)),
-                    Err(e) => Status::Failed(format!("{e:#}")),
-                },
-            }
+            topologies.push(TopologyResult {
+                kind,
+                status: Status::Skipped(why.to_owned()),
+            });
+            continue;
+        }
+        eprintln!("== {}: starting", kind.label());
+        let started = match kind {
+            Kind::Direct => Ok(direct(&env)),
+            Kind::Mandate => mandate::start(&env).await,
+            Kind::Nginx => nginx::start(&env).await,
+        };
+        let status = match started {
+            Ok(running) => match loadgen::probe(&running.target, Instant::now() + PROBE_TIME).await
+            {
+                Ok(()) => {
+                    live.push(Live::new(kind, running));
+                    continue;
+                }
+                Err(e) => Status::Failed(format!("{} does not serve requests: {e}", kind.label())),
+            },
+            Err(SetupError::Unavailable(reason)) => Status::Skipped(reason),
+            Err(SetupError::Failed(e)) => Status::Failed(format!("{e:#}")),
         };
         match &status {
             Status::Skipped(r) => eprintln!("== {}: skipped: {r}", kind.label()),
             Status::Failed(r) => eprintln!("== {}: FAILED: {r}", kind.label()),
-            Status::Done(_) => eprintln!("== {}: done", kind.label()),
+            Status::Done(_) => {}
         }
         topologies.push(TopologyResult { kind, status });
     }
+    measure(&mut live, &env, app.pid()).await;
+    topologies.extend(live.into_iter().map(Live::finish));
+    topologies.sort_by_key(|t| t.kind);
     app.check_alive()
         .context("the upstream app died during the run")?;
     Ok(RunAll {
@@ -367,111 +362,271 @@ where
     parts.into_iter().map(Into::into).collect()
 }
 
-/// Probe, idle memory, warm-up, fixed-rate phase, saturation.
-async fn phases(
+/// The two measured phases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Open loop at the fixed rate.
+    Rate,
+    /// Closed loop, saturation.
+    Saturation,
+}
+
+/// CPU and noise accounting of one phase, summed over its rounds.
+#[derive(Debug, Default)]
+struct PhaseAcc {
+    outcome: Option<Outcome>,
+    proc_cpu_s: Vec<f64>,
+    load_cpu_s: f64,
+    machine: rss::CpuTimes,
+    ours_s: f64,
+}
+
+impl PhaseAcc {
+    fn noise(&self) -> Noise {
+        let secs = self
+            .outcome
+            .as_ref()
+            .map_or(0.0, |o| o.elapsed.as_secs_f64())
+            .max(1e-9);
+        Noise {
+            other_pct: ((self.machine.busy_s - self.ours_s) / secs * 100.0).max(0.0),
+            steal_pct: self.machine.steal_s / secs * 100.0,
+            loadavg: rss::loadavg(),
+        }
+    }
+}
+
+/// A started topology and what has been measured of it so far.
+struct Live {
     kind: Kind,
-    r: &mut Running,
-    env: &Env<'_>,
+    running: Running,
+    pids: Vec<u32>,
+    idle: Vec<Mem>,
+    idle_after_warmup: Vec<Mem>,
+    warmup_errors: u64,
+    rate: PhaseAcc,
+    sat: PhaseAcc,
+    rate_end: Vec<Mem>,
+    rate_max: Vec<Mem>,
+    after_rate: Vec<Mem>,
+    after_sat: Vec<Mem>,
+}
+
+impl Live {
+    fn new(kind: Kind, running: Running) -> Self {
+        let pids: Vec<u32> = running.procs.iter().map(Child::pid).collect();
+        let n = pids.len();
+        Self {
+            kind,
+            running,
+            pids,
+            idle: vec![],
+            idle_after_warmup: vec![],
+            warmup_errors: 0,
+            rate: PhaseAcc {
+                proc_cpu_s: vec![0.0; n],
+                ..PhaseAcc::default()
+            },
+            sat: PhaseAcc {
+                proc_cpu_s: vec![0.0; n],
+                ..PhaseAcc::default()
+            },
+            rate_end: vec![Mem::default(); n],
+            rate_max: vec![Mem::default(); n],
+            after_rate: vec![],
+            after_sat: vec![],
+        }
+    }
+
+    fn memory(&self) -> Vec<Mem> {
+        self.pids.iter().map(|&p| rss::sample(p)).collect()
+    }
+
+    fn proc_cpu(&self) -> Vec<f64> {
+        self.pids.iter().map(|&p| rss::cpu_seconds(p)).collect()
+    }
+
+    /// Runs one round of `phase` for `len` against this topology and adds it to the totals.
+    async fn round(&mut self, phase: Phase, len: Duration, ctx: &Ctx<'_>) {
+        let args = ctx.env.args;
+        wait_quiet(ctx.cpus, &self.pids, ctx.app_pid, args.quiet_wait).await;
+        let (cpu0, load0, machine0) = (self.proc_cpu(), ctx.load_cpu(), rss::cpu_times(ctx.cpus));
+        let sampler =
+            (phase == Phase::Rate).then(|| Sampler::start(self.pids.clone(), SAMPLE_EVERY));
+        let out = match phase {
+            Phase::Rate => {
+                loadgen::open_loop(&self.running.target, args.rate, len, args.connections).await
+            }
+            Phase::Saturation => {
+                loadgen::closed_loop(&self.running.target, args.sat_connections, len).await
+            }
+        };
+        if let Some(sampler) = sampler {
+            for (i, (last, max)) in sampler.finish().into_iter().enumerate() {
+                self.rate_end[i] = last;
+                if max.rss_kib > self.rate_max[i].rss_kib {
+                    self.rate_max[i] = max;
+                }
+            }
+        }
+        let (cpu1, load1, machine1) = (self.proc_cpu(), ctx.load_cpu(), rss::cpu_times(ctx.cpus));
+        let acc = match phase {
+            Phase::Rate => &mut self.rate,
+            Phase::Saturation => &mut self.sat,
+        };
+        for (i, total) in acc.proc_cpu_s.iter_mut().enumerate() {
+            *total += cpu1[i] - cpu0[i];
+        }
+        let procs_s: f64 = cpu1.iter().sum::<f64>() - cpu0.iter().sum::<f64>();
+        acc.load_cpu_s += load1 - load0;
+        acc.ours_s += procs_s + (load1 - load0);
+        let d = machine1 - machine0;
+        acc.machine.busy_s += d.busy_s;
+        acc.machine.steal_s += d.steal_s;
+        match &mut acc.outcome {
+            Some(total) => total.absorb(out),
+            None => acc.outcome = Some(out),
+        }
+    }
+
+    fn finish(mut self) -> TopologyResult {
+        let mut crashed = Vec::new();
+        for c in &mut self.running.procs {
+            if let Err(e) = c.check_alive() {
+                crashed.push(format!("{e:#}"));
+            }
+        }
+        let procs = self
+            .running
+            .procs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| ProcResult {
+                name: c.name().to_owned(),
+                command_line: c.command_line.clone(),
+                cpus_allowed: rss::cpus_allowed(c.pid()),
+                idle: self.idle.get(i).copied().unwrap_or_default(),
+                idle_after_warmup: self.idle_after_warmup.get(i).copied().unwrap_or_default(),
+                rate_end: self.rate_end[i],
+                rate_max: self.rate_max[i],
+                after_rate: self.after_rate.get(i).copied().unwrap_or_default(),
+                after_sat: self.after_sat.get(i).copied().unwrap_or_default(),
+                cpu_rate_s: self.rate.proc_cpu_s[i],
+                cpu_sat_s: self.sat.proc_cpu_s[i],
+            })
+            .collect();
+        let (noise_rate, noise_sat) = (self.rate.noise(), self.sat.noise());
+        let status = match (self.rate.outcome.take(), self.sat.outcome.take()) {
+            (Some(open), Some(sat)) => Status::Done(Box::new(Measured {
+                warmup_errors: self.warmup_errors,
+                open,
+                sat,
+                procs,
+                load_cpu_rate_s: self.rate.load_cpu_s,
+                load_cpu_sat_s: self.sat.load_cpu_s,
+                noise_rate,
+                noise_sat,
+                crashed,
+                facts: self.running.facts.clone(),
+                configs: self.running.configs.clone(),
+            })),
+            _ => Status::Failed("no measurement was taken".to_owned()),
+        };
+        TopologyResult {
+            kind: self.kind,
+            status,
+        }
+    }
+}
+
+/// What every round needs besides the topology itself.
+struct Ctx<'a> {
+    env: &'a Env<'a>,
     app_pid: u32,
-) -> anyhow::Result<Measured> {
+    /// Every CPU the benchmark uses, for the noise accounting.
+    cpus: &'a [usize],
+}
+
+impl Ctx<'_> {
+    /// CPU seconds of the load side: this process (load generator) and the app.
+    fn load_cpu(&self) -> f64 {
+        rss::cpu_seconds_of(&[std::process::id(), self.app_pid])
+    }
+}
+
+/// Idle memory, warm-up, then the fixed-rate and saturation phases in interleaved rounds.
+///
+/// Every topology is up for the whole run and the phases are cut into rounds that rotate through
+/// them, so a burst of activity elsewhere on the machine lands on all of them alike instead of
+/// deciding the comparison.
+async fn measure(live: &mut [Live], env: &Env<'_>, app_pid: u32) {
+    if live.is_empty() {
+        return;
+    }
     let args = env.args;
-    let label = kind.label();
-    let mut bench_cpus: Vec<usize> = env
+    let mut cpus: Vec<usize> = env
         .cpus_proxy
         .iter()
         .chain(env.cpus_load)
         .copied()
         .collect();
-    bench_cpus.sort_unstable();
-    bench_cpus.dedup();
-    loadgen::probe(&r.target, Instant::now() + Duration::from_secs(10))
-        .await
-        .map_err(|e| anyhow::anyhow!("{label} does not serve requests: {e}"))?;
-    tokio::time::sleep(SETTLE).await;
-    let pids: Vec<u32> = r.procs.iter().map(Child::pid).collect();
-    let sample_all = || pids.iter().map(|&p| rss::sample(p)).collect::<Vec<_>>();
-    let cpu_all = || {
-        pids.iter()
-            .map(|&p| rss::cpu_seconds(p))
-            .collect::<Vec<_>>()
+    cpus.sort_unstable();
+    cpus.dedup();
+    let ctx = Ctx {
+        env,
+        app_pid,
+        cpus: &cpus,
     };
-    let load_cpu = || rss::cpu_seconds_of(&[std::process::id(), app_pid]);
-    let snapshot = |procs: &[f64], load: f64| Snapshot {
-        cpu: rss::cpu_times(&bench_cpus),
-        ours: procs.iter().sum::<f64>() + load,
-    };
-    let idle = sample_all();
-
-    eprintln!("   warm-up: {} req/s for {:?}", args.rate, args.warmup);
-    let warm = loadgen::open_loop(&r.target, args.rate, args.warmup, args.connections).await;
     tokio::time::sleep(SETTLE).await;
-    let idle_after_warmup = sample_all();
+    for l in live.iter_mut() {
+        l.idle = l.memory();
+    }
+    for l in live.iter_mut() {
+        eprintln!(
+            "   warm-up {}: {} req/s for {:?}",
+            l.kind.label(),
+            args.rate,
+            args.warmup
+        );
+        let warm =
+            loadgen::open_loop(&l.running.target, args.rate, args.warmup, args.connections).await;
+        l.warmup_errors = warm.errors.total();
+    }
+    tokio::time::sleep(SETTLE).await;
+    for l in live.iter_mut() {
+        l.idle_after_warmup = l.memory();
+    }
 
-    eprintln!(
-        "   fixed rate: {} req/s for {:?} over {} connections",
-        args.rate, args.duration, args.connections
-    );
-    wait_quiet(&bench_cpus, &pids, app_pid, args.quiet_wait).await;
-    let (cpu0, load0) = (cpu_all(), load_cpu());
-    let snap0 = snapshot(&cpu0, load0);
-    let sampler = Sampler::start(pids.clone(), SAMPLE_EVERY);
-    let open = loadgen::open_loop(&r.target, args.rate, args.duration, args.connections).await;
-    let during = sampler.finish();
-    let (cpu1, load1) = (cpu_all(), load_cpu());
-    let snap1 = snapshot(&cpu1, load1);
-    let noise_rate = Noise::between(snap0, snap1, open.elapsed.as_secs_f64());
-    let after_rate = sample_all();
-
-    eprintln!(
-        "   saturation: {} connections for {:?}",
-        args.sat_connections, args.sat_duration
-    );
-    wait_quiet(&bench_cpus, &pids, app_pid, args.quiet_wait).await;
-    let (cpu_sat0, load_sat0) = (cpu_all(), load_cpu());
-    let snap_sat0 = snapshot(&cpu_sat0, load_sat0);
-    let sat = loadgen::closed_loop(&r.target, args.sat_connections, args.sat_duration).await;
-    let (cpu2, load2) = (cpu_all(), load_cpu());
-    let snap2 = snapshot(&cpu2, load2);
-    let noise_sat = Noise::between(snap_sat0, snap2, sat.elapsed.as_secs_f64());
-    let after_sat = sample_all();
-
-    let mut crashed = Vec::new();
-    for c in &mut r.procs {
-        if let Err(e) = c.check_alive() {
-            crashed.push(format!("{e:#}"));
+    let rounds = args.rounds.max(1);
+    let n = live.len();
+    for (phase, total) in [
+        (Phase::Rate, args.duration),
+        (Phase::Saturation, args.sat_duration),
+    ] {
+        let len = total / rounds;
+        match phase {
+            Phase::Rate => eprintln!(
+                "   fixed rate: {} req/s over {} connections, {rounds} rounds of {len:?} per topology",
+                args.rate, args.connections
+            ),
+            Phase::Saturation => eprintln!(
+                "   saturation: {} connections, {rounds} rounds of {len:?} per topology",
+                args.sat_connections
+            ),
+        }
+        for round in 0..rounds as usize {
+            // Rotate who goes first so no topology always follows the same neighbour.
+            for j in 0..n {
+                live[(round + j) % n].round(phase, len, &ctx).await;
+            }
+        }
+        for l in live.iter_mut() {
+            match phase {
+                Phase::Rate => l.after_rate = l.memory(),
+                Phase::Saturation => l.after_sat = l.memory(),
+            }
         }
     }
-    let procs = r
-        .procs
-        .iter()
-        .enumerate()
-        .map(|(i, c)| ProcResult {
-            name: c.name().to_owned(),
-            command_line: c.command_line.clone(),
-            cpus_allowed: rss::cpus_allowed(c.pid()),
-            idle: idle[i],
-            idle_after_warmup: idle_after_warmup[i],
-            rate_end: during[i].0,
-            rate_max: during[i].1,
-            after_rate: after_rate[i],
-            after_sat: after_sat[i],
-            cpu_rate_s: cpu1[i] - cpu0[i],
-            cpu_sat_s: cpu2[i] - cpu_sat0[i],
-        })
-        .collect();
-    Ok(Measured {
-        warmup_errors: warm.errors.total(),
-        open,
-        sat,
-        procs,
-        load_cpu_rate_s: load1 - load0,
-        load_cpu_sat_s: load2 - load_sat0,
-        noise_rate,
-        noise_sat,
-        crashed,
-        facts: r.facts.clone(),
-        configs: r.configs.clone(),
-    })
 }
 
 /// Waits (at most `max`) until programs other than ours use under 5% of a core on `cpus`.
