@@ -24,12 +24,15 @@ struct Ports {
 }
 
 impl Ports {
-    fn pick() -> anyhow::Result<Self> {
-        Ok(Self {
-            outbound: procs::free_port()?,
-            inbound: procs::free_port()?,
-            admin: procs::free_port()?,
-        })
+    /// Distinct ports for both sidecars.
+    fn pick_pair() -> anyhow::Result<(Self, Self)> {
+        let p = procs::free_ports(6)?;
+        let ports = |i: usize| Self {
+            outbound: p[i],
+            inbound: p[i + 1],
+            admin: p[i + 2],
+        };
+        Ok((ports(0), ports(3)))
     }
 }
 
@@ -45,7 +48,7 @@ pub async fn start(env: &Env<'_>) -> Result<Running, SetupError> {
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| "mandate-proxy (no --version)".to_owned());
 
-    let (a, b) = (Ports::pick()?, Ports::pick()?);
+    let (a, b) = Ports::pick_pair()?;
     let route = format!("{TOOL_AUTHORITY}={},id={}", b.inbound, env.certs.tool_id);
     let spawn = |name: &str, ports: &Ports, pair: &Pair, extra: Vec<String>| {
         let mut args = common_args(env, ports, pair);

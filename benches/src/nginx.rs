@@ -235,7 +235,8 @@ fn launch(
 /// Starts the nginx pair and waits until a request passes through it.
 pub async fn start(env: &Env<'_>) -> Result<Running, SetupError> {
     let nginx = locate(env)?;
-    let (a_addr, b_addr) = (procs::free_port()?, procs::free_port()?);
+    let ports = procs::free_ports(2)?;
+    let (a_addr, b_addr) = (ports[0], ports[1]);
     let (a_listen, b_listen) = (a_addr.to_string(), b_addr.to_string());
     let (mut b, conf_b) = launch(env, &nginx, "nginx-B-inbound", |p| {
         config_b(p, env, &b_listen, &env.certs.nginx_b)

@@ -74,10 +74,14 @@ pub fn which(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// A free loopback port, found by binding port 0 (the tiny race with other programs is acceptable here).
-pub fn free_port() -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
-    Ok(l.local_addr()?)
+/// `n` distinct free loopback ports. All are bound at once before any is released: the kernel
+/// may hand a just-released port out again, so picking them one by one can repeat a port. (The
+/// race with other programs between release and the child's bind is accepted here.)
+pub fn free_ports(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").context("binding a loopback port"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    listeners.iter().map(|l| Ok(l.local_addr()?)).collect()
 }
 
 /// How child processes get pinned to CPUs.

@@ -492,15 +492,20 @@ pub fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "- Load: open loop at {} req/s for {:.0} s over {} keep-alive connections after a {:.0} s \
-         warm-up at the same rate; then closed-loop saturation with {} connections for {:.0} s. \
-         HTTP/1.1 `GET`, 1 KiB response body.",
+        "- Load: per topology, open loop at {} req/s for {:.0} s over {} keep-alive connections after \
+         a {:.0} s warm-up at the same rate; then closed-loop saturation with {} connections for \
+         {:.0} s. HTTP/1.1 `GET`, 1 KiB response body. All topologies are up for the whole run and \
+         each phase is cut into {} rounds that rotate through them (`--rounds`), so load from \
+         elsewhere on the machine falls on all of them alike; before each round the harness waits up \
+         to {:.0} s for the CPUs to be quiet (`--quiet-wait`).",
         a.rate,
         a.duration.as_secs_f64(),
         a.connections,
         a.warmup.as_secs_f64(),
         a.sat_connections,
-        a.sat_duration.as_secs_f64()
+        a.sat_duration.as_secs_f64(),
+        a.rounds,
+        a.quiet_wait.as_secs_f64()
     );
     let _ = writeln!(s, "- Upstream app: `{}`", r.app_command);
     let _ = writeln!(

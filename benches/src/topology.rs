@@ -256,7 +256,7 @@ async fn run_all(
     let tmp = TempDir::new(args.keep_tmp)?;
     let certs = certs::mint(&tmp.path().join("certs"))?;
     let pinner = Pinner::new();
-    let app_addr = procs::free_port()?;
+    let app_addr = procs::free_ports(1)?[0];
     let exe = std::env::current_exe().context("locating our own binary for the app process")?;
     let mut app = Child::spawn(
         &pinner,
