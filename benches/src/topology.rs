@@ -22,7 +22,7 @@ pub const BODY_BYTES: usize = 1024;
 pub const TOOL_AUTHORITY: &str = "tool:8080";
 /// Pause after start (and after warm-up) before reading "idle" memory, so start-up work has finished.
 const SETTLE: Duration = Duration::from_secs(1);
-/// How long the machine's wake-up jitter is measured before the topologies run.
+/// How long the machine's wake-up jitter is measured before and after the topologies run.
 const JITTER_TIME: Duration = Duration::from_secs(2);
 /// How long a started topology may take to answer its first request.
 const PROBE_TIME: Duration = Duration::from_secs(10);
@@ -207,6 +207,9 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     eprintln!("== machine jitter: 1 ms sleeps on CPUs {all_cpus:?} for {JITTER_TIME:?}");
     let jitter = jitter::measure(&all_cpus, JITTER_TIME);
     let results = rt.block_on(run_all(args, &cpus_proxy, &cpus_load))?;
+    // Again afterwards: the machine's mood changes over minutes, and one figure would mislead.
+    eprintln!("== machine jitter again, after the run");
+    let jitter_after = jitter::measure(&all_cpus, JITTER_TIME);
     let tmp = results.tmp.display().to_string();
     let report = Report {
         machine,
@@ -220,6 +223,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         tmp,
         wall: started.elapsed(),
         jitter,
+        jitter_after,
     };
     println!("{}", report::terminal_table(&report));
     if let Some(path) = &args.report {
