@@ -505,7 +505,8 @@ pub fn markdown(r: &Report) -> String {
          {:.0} s. HTTP/1.1 `GET`, 1 KiB response body. All topologies are up for the whole run and \
          each phase is cut into {} rounds that rotate through them (`--rounds`), so load from \
          elsewhere on the machine falls on all of them alike; before each round the harness waits up \
-         to {:.0} s for the CPUs to be quiet (`--quiet-wait`).",
+         to {:.0} s for the CPUs to be quiet (`--quiet-wait`), then sends 0.5 s of unmeasured load \
+         at the fixed rate, because a pair that sat idle through the others' rounds starts cold.",
         a.rate,
         a.duration.as_secs_f64(),
         a.connections,

@@ -26,6 +26,8 @@ const SETTLE: Duration = Duration::from_secs(1);
 const JITTER_TIME: Duration = Duration::from_secs(2);
 /// How long a started topology may take to answer its first request.
 const PROBE_TIME: Duration = Duration::from_secs(10);
+/// Unmeasured load at the fixed rate before every round.
+const ROUND_WARMUP: Duration = Duration::from_millis(500);
 /// How often memory is sampled during the fixed-rate phase.
 const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 
@@ -454,6 +456,17 @@ impl Live {
     async fn round(&mut self, phase: Phase, len: Duration, ctx: &Ctx<'_>) {
         let args = ctx.env.args;
         wait_quiet(ctx.cpus, &self.pids, ctx.app_pid, args.quiet_wait).await;
+        // A short unmeasured burst first: after sitting idle through the other topologies' rounds
+        // the proxies' CPU, caches and connections are cold, and the first tens of milliseconds
+        // are that, not the steady state this phase measures.
+        let warm = loadgen::open_loop(
+            &self.running.target,
+            args.rate,
+            ROUND_WARMUP,
+            args.connections,
+        )
+        .await;
+        self.warmup_errors += warm.errors.total();
         let (cpu0, load0, machine0) = (self.proc_cpu(), ctx.load_cpu(), rss::cpu_times(ctx.cpus));
         let sampler =
             (phase == Phase::Rate).then(|| Sampler::start(self.pids.clone(), SAMPLE_EVERY));
