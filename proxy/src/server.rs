@@ -19,7 +19,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::headers::ProxyBody;
 
-/// A client gets this long to send request headers (guards against slowloris).
+/// A client gets this long to send request headers (guards against slowloris). hyper counts an
+/// idle keep-alive connection's wait for its next request too, so this is also the idle close;
+/// `upstream::POOL_IDLE` stays below it.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Which HTTP protocol to serve on a connection.

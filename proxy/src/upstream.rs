@@ -29,8 +29,10 @@ use crate::tls::{self, ALPN_H2};
 
 /// Time allowed for TCP connect plus TLS handshake to a peer or the app.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Idle pooled connections are closed after this long.
-const POOL_IDLE: Duration = Duration::from_secs(90);
+/// Idle pooled connections are closed after this long: shorter than the peer's idle close
+/// (`server::HEADER_READ_TIMEOUT`), so a pooled connection is never reused just as the peer
+/// closes it.
+const POOL_IDLE: Duration = Duration::from_secs(20);
 
 /// Why a connection to a peer sidecar or the app could not be made.
 #[derive(Debug, thiserror::Error)]
