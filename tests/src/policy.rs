@@ -79,6 +79,33 @@ impl TestEnv {
         Ok(policy)
     }
 
+    /// A tool sidecar (no policy) in front of `app`, and an agent sidecar routed to it as
+    /// `tool:8080` that runs the policy at `policy` with a decision log and `extra` flags.
+    /// Returns `(agent, tool)`.
+    pub async fn agent_with_policy(
+        &self,
+        app: &crate::apps::App,
+        policy: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<(crate::Sidecar, crate::Sidecar)> {
+        let tool = self
+            .sidecar("tool")
+            .identity("service/tool")
+            .app(app.addr())
+            .spawn()
+            .await?;
+        let mut agent = self
+            .sidecar("agent")
+            .identity("agent/alice")
+            .route_to("tool:8080", &tool)
+            .policy(policy)
+            .decision_log();
+        for arg in extra {
+            agent = agent.arg(*arg);
+        }
+        Ok((agent.spawn().await?, tool))
+    }
+
     /// Writes `data` as `<scratch>/<name>.json` (for `--data`).
     pub fn data_file(&self, name: &str, data: &Value) -> anyhow::Result<PathBuf> {
         let path = self.dir().join(format!("{name}.json"));

@@ -18,22 +18,7 @@ async fn start(
     extra: &[&str],
 ) -> anyhow::Result<(Sidecar, Sidecar)> {
     let policy = env.policy_dir("policy", &rego(module))?;
-    let tool = env
-        .sidecar("tool")
-        .identity("service/tool")
-        .app(app.addr())
-        .spawn()
-        .await?;
-    let mut agent = env
-        .sidecar("agent")
-        .identity("agent/alice")
-        .route_to("tool:8080", &tool)
-        .policy(policy.path())
-        .decision_log();
-    for arg in extra {
-        agent = agent.arg(*arg);
-    }
-    Ok((agent.spawn().await?, tool))
+    env.agent_with_policy(app, policy.path(), extra).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,35 +5,10 @@ use std::time::Duration;
 
 use mandate_e2e::apps::App;
 use mandate_e2e::client::proxy_get;
-use mandate_e2e::policy::{Denial, PolicyDir, is_policy_version, rego};
-use mandate_e2e::{Sidecar, TestEnv, ensure_eq};
+use mandate_e2e::policy::{Denial, is_policy_version, rego};
+use mandate_e2e::{TestEnv, ensure_eq};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// A tool sidecar without policy and an agent sidecar running `policy` with `extra` flags.
-async fn start(
-    env: &TestEnv,
-    app: &App,
-    policy: &PolicyDir,
-    extra: &[&str],
-) -> anyhow::Result<(Sidecar, Sidecar)> {
-    let tool = env
-        .sidecar("tool")
-        .identity("service/tool")
-        .app(app.addr())
-        .spawn()
-        .await?;
-    let mut agent = env
-        .sidecar("agent")
-        .identity("agent/alice")
-        .route_to("tool:8080", &tool)
-        .policy(policy.path())
-        .decision_log();
-    for arg in extra {
-        agent = agent.arg(*arg);
-    }
-    Ok((agent.spawn().await?, tool))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_runtime_error_denies_with_a_reason_naming_the_evaluation_error() {
@@ -49,7 +24,7 @@ async fn policy_runtime_error_denies_with_a_reason_naming_the_evaluation_error()
 }"#,
             ),
         )?;
-        let (agent, _tool) = start(&env, &app, &policy, &[]).await?;
+        let (agent, _tool) = env.agent_with_policy(&app, policy.path(), &[]).await?;
 
         let ok = proxy_get(agent.outbound(), "http://tool:8080/q?d=4", &[]).await?;
         ensure_eq!(ok.status, 200, "d=4 evaluates: {}", ok.text());
@@ -94,7 +69,7 @@ decision := {"allow": count(products) > 0, "reason": "heavy call"} if input.requ
 products := [x | some a in numbers.range(1, 3000); some b in numbers.range(1, 3000); x := a * b] if input.request.path == "/heavy""#,
             ),
         )?;
-        let (agent, _tool) = start(&env, &app, &policy, &["--policy-timeout", "20ms"]).await?;
+        let (agent, _tool) = env.agent_with_policy(&app, policy.path(), &["--policy-timeout", "20ms"]).await?;
 
         let ok = proxy_get(agent.outbound(), "http://tool:8080/light", &[]).await?;
         ensure_eq!(ok.status, 200, "a light call is decided in time: {}", ok.text());
@@ -130,7 +105,7 @@ async fn undefined_decision_denies_with_a_reason_saying_it_is_undefined() {
             "partial",
             &rego(r#"decision := {"allow": true, "reason": "GET only"} if input.request.method == "GET""#),
         )?;
-        let (agent, _tool) = start(&env, &app, &policy, &[]).await?;
+        let (agent, _tool) = env.agent_with_policy(&app, policy.path(), &[]).await?;
         let ok = proxy_get(agent.outbound(), "http://tool:8080/x", &[]).await?;
         ensure_eq!(ok.status, 200, "{}", ok.text());
 
