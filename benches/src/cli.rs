@@ -99,6 +99,16 @@ pub struct BenchArgs {
     /// measures at once.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub quiet_wait: Duration,
+    /// Policy directory for the in-process evaluation benchmark and the "pair + policy" topology
+    /// (its `*_test.rego` files are left out).
+    #[arg(long, default_value = "policies/reference")]
+    pub policy_dir: PathBuf,
+    /// Measured time of each in-process policy evaluation run (per engine and thread count).
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub policy_eval_time: Duration,
+    /// Do not run the in-process policy evaluation benchmark.
+    #[arg(long)]
+    pub skip_policy_eval: bool,
     /// Keep the temporary directory (certificates, configs, logs) for inspection.
     #[arg(long)]
     pub keep_tmp: bool,

@@ -8,6 +8,7 @@ mod jitter;
 mod loadgen;
 mod mandate;
 mod nginx;
+mod policy;
 mod procs;
 mod report;
 mod rss;

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow};
 use http::{HeaderValue, Uri};
 
-use crate::certs::{Pair, TRUST_DOMAIN};
+use crate::certs::{AGENT, Pair, TRUST_DOMAIN};
 use crate::loadgen::{self, Target};
+use crate::policy;
 use crate::procs::{self, Child, Spawn};
 use crate::topology::{BODY_BYTES, Env, Running, SetupError, TOOL_AUTHORITY, os_args};
 
@@ -36,10 +37,16 @@ impl Ports {
     }
 }
 
-/// Starts the sidecar pair and waits until a request passes through it.
-pub async fn start(env: &Env<'_>) -> Result<Running, SetupError> {
+/// Ceiling of the benchmark's agent in the policy pair's registry: exactly the load's request.
+pub fn bench_ceiling() -> serde_json::Value {
+    serde_json::json!([{"host": "tool", "method": "GET", "path": "/"}])
+}
+
+/// Starts the sidecar pair and waits until a request passes through it; with `with_policy`, both
+/// sidecars decide every call with the reference policy and log each decision.
+pub async fn start(env: &Env<'_>, with_policy: bool) -> Result<Running, SetupError> {
     let bin = env.args.bin_dir.join("mandate-proxy");
-    check_binary(&bin)?;
+    check_binary(&bin, with_policy)?;
     let version = Command::new(&bin)
         .arg("--version")
         .output()
@@ -49,6 +56,40 @@ pub async fn start(env: &Env<'_>) -> Result<Running, SetupError> {
         .unwrap_or_else(|| "mandate-proxy (no --version)".to_owned());
 
     let (a, b) = Ports::pick_pair()?;
+    let suffix = if with_policy { "-policy" } else { "" };
+    let (name_a, name_b) = (
+        format!("sidecar-A-outbound{suffix}"),
+        format!("sidecar-B-inbound{suffix}"),
+    );
+    let mut decision_logs = Vec::new();
+    let mut policy_args = |name: &str| -> anyhow::Result<Vec<String>> {
+        if !with_policy {
+            return Ok(vec![]);
+        }
+        let dir = std::fs::canonicalize(&env.args.policy_dir)
+            .with_context(|| format!("--policy-dir {}", env.args.policy_dir.display()))?;
+        // In a directory of its own: the sidecar watches the data file's directory, and decision-log
+        // writes next to it would wake its watcher on every record.
+        let data_dir = env.tmp.join("policy-data");
+        std::fs::create_dir_all(&data_dir)?;
+        let data = data_dir.join("data.json");
+        if !data.exists() {
+            policy::write_pair_data(&data, AGENT, bench_ceiling())?;
+        }
+        let log = env.tmp.join(format!("decisions-{name}.jsonl"));
+        decision_logs.push((name.to_owned(), log.clone()));
+        Ok(vec![
+            "--policy".into(),
+            dir.display().to_string(),
+            "--data".into(),
+            data.display().to_string(),
+            "--decision-log".into(),
+            log.display().to_string(),
+        ])
+    };
+    let mut extra_b = vec!["--app".into(), env.app.to_string()];
+    extra_b.extend(policy_args(&name_b)?);
+    let mut extra_a = vec!["--route".into()];
     let route = format!("{TOOL_AUTHORITY}={},id={}", b.inbound, env.certs.tool_id);
     let spawn = |name: &str, ports: &Ports, pair: &Pair, extra: Vec<String>| {
         let mut args = common_args(env, ports, pair);
@@ -67,18 +108,10 @@ pub async fn start(env: &Env<'_>) -> Result<Running, SetupError> {
         )
     };
     // B first, so A's first connection finds it listening.
-    let mut sidecar_b = spawn(
-        "sidecar-B-inbound",
-        &b,
-        &env.certs.tool,
-        vec!["--app".into(), env.app.to_string()],
-    )?;
-    let mut sidecar_a = spawn(
-        "sidecar-A-outbound",
-        &a,
-        &env.certs.agent,
-        vec!["--route".into(), route],
-    )?;
+    extra_a.push(route);
+    extra_a.extend(policy_args(&name_a)?);
+    let mut sidecar_b = spawn(&name_b, &b, &env.certs.tool, extra_b)?;
+    let mut sidecar_a = spawn(&name_a, &a, &env.certs.agent, extra_a)?;
     for (child, ports) in [(&mut sidecar_b, &b), (&mut sidecar_a, &a)] {
         wait_ready(child, ports.admin).await?;
     }
@@ -101,8 +134,9 @@ pub async fn start(env: &Env<'_>) -> Result<Running, SetupError> {
     Ok(Running {
         target,
         procs: vec![sidecar_a, sidecar_b],
-        facts: vec![version],
+        facts: if with_policy { vec![] } else { vec![version] },
         configs: vec![],
+        decision_logs,
     })
 }
 
@@ -129,7 +163,7 @@ fn common_args(env: &Env<'_>, ports: &Ports, pair: &Pair) -> Vec<String> {
 }
 
 /// The binary must exist and answer `--help` with the contract's flags; otherwise it is not ready yet.
-fn check_binary(bin: &Path) -> Result<(), SetupError> {
+fn check_binary(bin: &Path, with_policy: bool) -> Result<(), SetupError> {
     if !bin.is_file() {
         return Err(SetupError::Unavailable(format!(
             "{} not found (build it: cargo build --release -p mandate-proxy)",
@@ -142,8 +176,14 @@ fn check_binary(bin: &Path) -> Result<(), SetupError> {
         .output()
         .with_context(|| format!("running {} --help", bin.display()))?;
     let help = String::from_utf8_lossy(&out.stdout);
+    let policy_flags: &[&str] = if with_policy {
+        &["--policy", "--data", "--decision-log"]
+    } else {
+        &[]
+    };
     let missing: Vec<_> = ["--route", "--inbound", "--outbound", "--app", "--workers"]
         .into_iter()
+        .chain(policy_flags.iter().copied())
         .filter(|f| !help.contains(f))
         .collect();
     if !out.status.success() || !missing.is_empty() {

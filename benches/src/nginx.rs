@@ -273,5 +273,6 @@ pub async fn start(env: &Env<'_>) -> Result<Running, SetupError> {
             ("nginx-A-outbound/nginx.conf".to_owned(), conf_a),
             ("nginx-B-inbound/nginx.conf".to_owned(), conf_b),
         ],
+        decision_logs: vec![],
     })
 }

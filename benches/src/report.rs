@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::cli::BenchArgs;
 use crate::jitter::Jitter;
+use crate::policy::{self, PolicyEval};
 use crate::topology::{Kind, Measured, ProcResult, Status, TopologyResult};
 
 /// Issue target: p99 the pair may add over a direct call at 1000 req/s, in ms.
@@ -14,6 +15,10 @@ pub const TARGET_ADDED_P99_MS: f64 = 0.3;
 pub const TARGET_RSS_IDLE_MIB: f64 = 20.0;
 /// Issue target: a sidecar's RSS at 1000 req/s, in MiB.
 pub const TARGET_RSS_RATE_MIB: f64 = 40.0;
+/// Issue target: p99 the pair with policy on both sides may add over direct at 1000 req/s, in ms.
+pub const TARGET_POLICY_ADDED_P99_MS: f64 = 0.35;
+/// Issue target: saturation throughput of the pair with policy, as a share of the pair without.
+pub const TARGET_POLICY_SAT_RATIO: f64 = 0.85;
 /// The request rate the issue's latency and memory targets are stated at.
 pub const TARGET_RATE: u64 = 1000;
 
@@ -101,6 +106,8 @@ pub struct Report {
     pub jitter: Vec<Jitter>,
     /// The same, measured after them.
     pub jitter_after: Vec<Jitter>,
+    /// In-process policy evaluation (None when skipped).
+    pub policy_eval: Option<Result<PolicyEval, String>>,
 }
 
 impl Report {
@@ -144,8 +151,13 @@ fn busy(m: &Measured) -> bool {
     m.noise_rate.other_pct.max(m.noise_sat.other_pct) > NOISY_PCT
 }
 
+/// Failed requests, plus calls a policy pair's sidecars denied (the load must be allowed).
 fn errors_of(m: &Measured) -> u64 {
-    m.warmup_errors + m.open.errors.total() + m.sat.errors.total()
+    m.warmup_errors + m.open.errors.total() + m.sat.errors.total() + denied_of(m)
+}
+
+fn denied_of(m: &Measured) -> u64 {
+    m.decisions.iter().map(|d| d.denied + d.unreadable).sum()
 }
 
 /// Per-proxy figures joined as "A x / B y".
@@ -307,6 +319,35 @@ pub fn terminal_table(r: &Report) -> String {
             }
         }
     }
+    match &r.policy_eval {
+        Some(Ok(pe)) => {
+            for row in &pe.rows {
+                let _ = writeln!(
+                    out,
+                    "policy evaluation {} × {} thread(s): p50 {:.2} µs, p99 {:.2} µs, p99.9 {:.2} µs, {:.0} evaluations/s",
+                    row.engine,
+                    row.threads,
+                    row.us(0.5),
+                    row.us(0.99),
+                    row.us(0.999),
+                    row.rate()
+                );
+            }
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(out, "policy evaluation FAILED: {e}");
+        }
+        None => {}
+    }
+    if let Some(m) = r.measured(Kind::MandatePolicy) {
+        for d in &m.decisions {
+            let _ = writeln!(
+                out,
+                "decision log {}: {} allowed, {} denied, {} unreadable, mean eval {:.1} µs",
+                d.name, d.allowed, d.denied, d.unreadable, d.mean_eval_us
+            );
+        }
+    }
     for (name, measured, target, verdict) in targets(r) {
         let _ = writeln!(out, "target: {name} ({target}): {measured} → {verdict}");
     }
@@ -406,6 +447,77 @@ fn targets(r: &Report) -> Vec<(String, String, String, String)> {
         "saturation throughput, mandate pair vs nginx pair".to_owned(),
         measured,
         "≥ nginx".to_owned(),
+        v,
+    ));
+
+    let with_policy = r.measured(Kind::MandatePolicy);
+    let (measured, v) = match (with_policy, r.added_p99(Kind::MandatePolicy)) {
+        (Some(m), Some(added)) => {
+            let service = r
+                .added_service_p99(Kind::MandatePolicy)
+                .map(|v| format!("; service time {v:+.3} ms"))
+                .unwrap_or_default();
+            let without = r
+                .added_p99(Kind::Mandate)
+                .map(|v| format!("; pair without policy {v:+.3} ms"))
+                .unwrap_or_default();
+            (
+                format!("{added:+.3} ms (from intended send time{service}{without})"),
+                verdict(added <= TARGET_POLICY_ADDED_P99_MS, m),
+            )
+        }
+        _ => na("policy pair or direct missing"),
+    };
+    t.push((
+        format!("added p99 over direct, mandate pair + policy (both sides), {at_rate}"),
+        measured,
+        format!("≤ {TARGET_POLICY_ADDED_P99_MS} ms"),
+        v,
+    ));
+    let (measured, v) = match (with_policy, mandate) {
+        (Some(p), Some(m)) => {
+            let ratio = p.sat.throughput() / m.sat.throughput().max(1e-9);
+            (
+                format!(
+                    "{:.0} vs {:.0} req/s ({:.1}%)",
+                    p.sat.throughput(),
+                    m.sat.throughput(),
+                    ratio * 100.0
+                ),
+                verdict(ratio >= TARGET_POLICY_SAT_RATIO, p),
+            )
+        }
+        _ => na("policy pair or mandate pair missing"),
+    };
+    t.push((
+        "saturation throughput, mandate pair + policy vs mandate pair".to_owned(),
+        measured,
+        format!("≥ {:.0}%", TARGET_POLICY_SAT_RATIO * 100.0),
+        v,
+    ));
+    let (measured, v) = match &r.policy_eval {
+        Some(Ok(pe)) => match pe.rows.iter().find(|x| x.engine == "rvm" && x.threads == 1) {
+            Some(row) => (
+                format!(
+                    "{:.2} µs (p99 {:.2} µs, 1 thread)",
+                    row.us(0.5),
+                    row.us(0.99)
+                ),
+                if row.us(0.5) <= policy::TARGET_P50_US {
+                    "pass".to_owned()
+                } else {
+                    "FAIL".to_owned()
+                },
+            ),
+            None => na("no rvm row"),
+        },
+        Some(Err(_)) => ("n/a".to_owned(), "FAIL (benchmark failed)".to_owned()),
+        None => na("--skip-policy-eval"),
+    };
+    t.push((
+        "policy evaluation p50, reference policy, 10,000 agents, rvm".to_owned(),
+        measured,
+        format!("≤ {} µs", policy::TARGET_P50_US),
         v,
     ));
 
@@ -540,6 +652,13 @@ pub fn markdown(r: &Report) -> String {
          `GET http://tool:8080/`) → mTLS (SVIDs from `mandate_identity::ca`, A verifies B presents \
          `spiffe://mandate.local/service/tool`) → sidecar B inbound → app. Route \
          `--route tool:8080=<B inbound>,id=spiffe://mandate.local/service/tool`, `MANDATE_LOG=warn`.\n\
+         - **mandate-proxy pair + policy**: the same pair, but both sidecars decide every call with \
+         the reference policy (`--policy policies/reference --data <tmp>/policy-data/data.json`, whose \
+         registry holds the agent `bench` with ceiling `[{{\"host\": \"tool\", \"method\": \"GET\", \
+         \"path\": \"/\"}}]` plus 10,000 filler agents) and log every decision \
+         (`--decision-log <tmp>/decisions-<sidecar>.jsonl`); engine `auto` (the register VM). A decides \
+         outbound, B inbound; every decision must be an allow (checked in the logs, see *Policy \
+         evaluation*).\n\
          - **nginx pair**: load generator → nginx A (plain HTTP, `Host: tool:8080`) → `proxy_pass https` \
          with a client certificate, `proxy_ssl_verify on` against the same CA (by a DNS SAN: nginx cannot \
          check SPIFFE URI SANs) → nginx B (`ssl_verify_client on`) → app. Keep-alive upstream pools on \
@@ -762,10 +881,10 @@ pub fn markdown(r: &Report) -> String {
         }
     }
 
+    s.push_str(&policy_section(r));
     let _ = writeln!(
         s,
-        "\n## Policy evaluation\n\n_Not measured yet: the policy engine benchmarks are added with the \
-         policy issue._\n\n## Delegation verification\n\n_Not measured yet: the delegation-token \
+        "\n## Delegation verification\n\n_Not measured yet: the delegation-token \
          benchmarks are added with the delegation issue._"
     );
     // Scratch paths differ on every run and only clutter the report.
@@ -774,4 +893,207 @@ pub fn markdown(r: &Report) -> String {
     } else {
         s.replace(&r.tmp, "<tmp>")
     }
+}
+
+/// `10000` → `10,000`.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The "Policy evaluation" section: in process, then in the sidecars.
+fn policy_section(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "\n## Policy evaluation\n");
+    let _ = writeln!(s, "### In process (no sidecar)\n");
+    match &r.policy_eval {
+        None => {
+            let _ = writeln!(s, "_Skipped (`--skip-policy-eval`)._");
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(s, "**Failed:**\n\n```\n{e}\n```");
+        }
+        Some(Ok(pe)) => {
+            let _ = writeln!(
+                s,
+                "- Policy: {} (the reference policy, `*_test.rego` left out), entry point \
+                 `data.mandate.authz.decision`, compiled with `mandate_rego::Policy::compile_with` \
+                 (time limit {} ms, as the sidecar's default `--policy-timeout`); compile time {}.",
+                pe.modules
+                    .iter()
+                    .map(|m| format!("`{m}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                policy::TIME_LIMIT.as_millis(),
+                pe.compile
+                    .iter()
+                    .map(|(e, d)| format!("{e} {:.0} ms", d.as_secs_f64() * 1000.0))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let _ = writeln!(
+                s,
+                "- Data: `data.registry.agents` holds {} agents, each `{{\"status\": \"active\", \
+                 \"ceiling\": [{{\"host\": \"tool\", \"tool\": \"search\"}}, {{\"host\": \"tool\", \
+                 \"tool\": \"read_*\"}}, {{\"host\": \"api\", \"method\": \"GET\", \"path\": \"/v1/*\"}}]}}`.",
+                thousands(policy::REGISTRY_AGENTS)
+            );
+            let _ = writeln!(
+                s,
+                "- Inputs: {} pre-built documents shaped as the agent's sidecar builds them (direction, \
+                 source, destination, request with headers and the JSON-RPC body, mcp, the agent's registry \
+                 entry, time) for an MCP `tools/call` of `search` by {} different agents, evaluated in \
+                 rotation; each evaluation clones its input (a reference count) and calls \
+                 `Policy::evaluate`, and the timer covers both.",
+                thousands(policy::ROTATING_AGENTS),
+                thousands(policy::ROTATING_AGENTS)
+            );
+            let _ = writeln!(
+                s,
+                "- Each row: {:.1} s measured after 0.5 s of unmeasured evaluations per thread; threads pinned \
+                 one per CPU ({} for one thread, {} for two), each walking its own stream concurrently; \
+                 evaluations/s is all threads together. With rvm the policy keeps the sidecar's guard: \
+                 the first 1,000 decisions and then 1 in 128 are re-checked on the interpreter on a \
+                 separate thread (pinned to CPU {}), whose CPU is part of the cost but not of the \
+                 per-evaluation latency.",
+                pe.duration.as_secs_f64(),
+                pe.cpus.first().map_or("–".to_owned(), usize::to_string),
+                cpus(&pe.cpus[..pe.cpus.len().min(2)]),
+                cpus(&r.cpus_load)
+            );
+            let _ = writeln!(
+                s,
+                "\n| engine | threads | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | evaluations | evaluations/s |\n{}",
+                md_sep(9)
+            );
+            for row in &pe.rows {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {} | {:.0} |",
+                    row.engine,
+                    row.threads,
+                    row.us(0.5),
+                    row.us(0.9),
+                    row.us(0.99),
+                    row.us(0.999),
+                    row.latency.max() as f64 / 1000.0,
+                    row.evals,
+                    row.rate()
+                );
+            }
+            let _ = writeln!(
+                s,
+                "\nVerdicts checked before timing (and every timed verdict had to be an allow):\n"
+            );
+            for c in &pe.checks {
+                let _ = writeln!(s, "- {}", c.replace('|', "\\|"));
+            }
+        }
+    }
+
+    let _ = writeln!(s, "\n### In the sidecar pair (with vs without policy)\n");
+    let (Some(with), Some(without)) = (r.measured(Kind::MandatePolicy), r.measured(Kind::Mandate))
+    else {
+        let _ = writeln!(
+            s,
+            "_Not measured: both the mandate-proxy pair and the pair + policy must run._"
+        );
+        return s;
+    };
+    let _ = writeln!(
+        s,
+        "The same load as the other topologies (see *Data path*), through the pair with and without \
+         the reference policy on both sides.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| | p50 ms | p99 ms | p99.9 ms | added p99 over direct ms | saturation req/s | CPU µs/req at {} req/s | CPU µs/req at saturation |\n{}",
+        r.args.rate,
+        md_sep(8)
+    );
+    for (label, kind, m) in [
+        ("without policy", Kind::Mandate, without),
+        ("with policy", Kind::MandatePolicy, with),
+    ] {
+        let _ = writeln!(
+            s,
+            "| {label} | {:.3} | {:.3} | {:.3} | {} | {:.0} | {} | {} |",
+            m.open.ms(0.5),
+            m.open.ms(0.99),
+            m.open.ms(0.999),
+            r.added_p99(kind)
+                .map_or("–".to_owned(), |v| format!("{v:+.3}")),
+            m.sat.throughput(),
+            per_proc(m, |p| cpu_us_per_req(p.cpu_rate_s, m, false)),
+            per_proc(m, |p| cpu_us_per_req(p.cpu_sat_s, m, true)),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nSaturation throughput with policy is **{:.1}%** of the pair without it.\n",
+        with.sat.throughput() / without.sat.throughput().max(1e-9) * 100.0
+    );
+    let extra: Vec<String> = with
+        .procs
+        .iter()
+        .zip(&without.procs)
+        .filter_map(|(p, q)| {
+            let d = with.decisions.iter().find(|d| d.name == p.name)?;
+            Some(format!(
+                "{} {:+.1} µs (mean policy evaluation in its decision log {:.1} µs)",
+                role(&p.name),
+                cpu_us_per_req(p.cpu_sat_s, with, true)
+                    - cpu_us_per_req(q.cpu_sat_s, without, true),
+                d.mean_eval_us
+            ))
+        })
+        .collect();
+    if !extra.is_empty() {
+        let _ = writeln!(
+            s,
+            "CPU per request at saturation, with policy minus without: {}; the rest of the difference \
+             is spent around the evaluation (input document, decision record and log, the VM guard's \
+             re-checks).\n",
+            extra.join("; ")
+        );
+    }
+    let _ = writeln!(
+        s,
+        "Decision logs (every record must be an allow; a denied call would be a 403 and an error):\n"
+    );
+    let _ = writeln!(
+        s,
+        "| sidecar | allowed | denied | unreadable lines | mean eval_us | max eval_us | log size MiB | first deny |\n{}",
+        md_sep(8)
+    );
+    for d in &with.decisions {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {:.1} | {} | {:.1} | {} |",
+            d.name,
+            d.allowed,
+            d.denied,
+            d.unreadable,
+            d.mean_eval_us,
+            d.max_eval_us,
+            d.bytes as f64 / 1024.0 / 1024.0,
+            d.first_deny.as_deref().unwrap_or("–").replace('|', "\\|")
+        );
+    }
+    let measured_reqs = with.open.ok + with.sat.ok;
+    let _ = writeln!(
+        s,
+        "\nThe measured phases completed {measured_reqs} requests with {} errors; the logs also \
+         hold the warm-ups' and readiness probes' decisions. `eval_us` is the sidecar's own \
+         measurement of one policy evaluation (whole microseconds).",
+        with.open.errors.total() + with.sat.errors.total()
+    );
+    s
 }

@@ -14,7 +14,7 @@ use crate::loadgen::{self, Outcome, Target};
 use crate::procs::{self, Child, Pinner, Spawn, TempDir};
 use crate::report::{self, Machine, Report};
 use crate::rss::{self, Mem, Sampler};
-use crate::{jitter, mandate, nginx};
+use crate::{jitter, mandate, nginx, policy};
 
 /// Response body size of the upstream app.
 pub const BODY_BYTES: usize = 1024;
@@ -38,6 +38,8 @@ pub enum Kind {
     Direct,
     /// client → sidecar A → mTLS → sidecar B → app.
     Mandate,
+    /// The same pair, both sidecars deciding every call with the reference policy.
+    MandatePolicy,
     /// client → nginx A → mTLS → nginx B → app.
     Nginx,
 }
@@ -48,6 +50,7 @@ impl Kind {
         match self {
             Kind::Direct => "direct",
             Kind::Mandate => "mandate-proxy pair",
+            Kind::MandatePolicy => "mandate-proxy pair + policy",
             Kind::Nginx => "nginx pair",
         }
     }
@@ -92,6 +95,8 @@ pub struct Running {
     pub facts: Vec<String>,
     /// Configuration files written for the proxies, (name, text), shown in the report.
     pub configs: Vec<(String, String)>,
+    /// Decision logs the proxies write, (proxy name, path), checked after the run.
+    pub decision_logs: Vec<(String, std::path::PathBuf)>,
 }
 
 /// Memory and CPU of one proxy process (tree) over the phases.
@@ -146,6 +151,8 @@ pub struct Measured {
     pub facts: Vec<String>,
     /// Configuration files written for the proxies, (name, text).
     pub configs: Vec<(String, String)>,
+    /// What the proxies' decision logs recorded (policy topologies only).
+    pub decisions: Vec<policy::DecisionTally>,
 }
 
 /// CPU the benchmark did not use itself on the CPUs it runs on: a busy machine distorts the figures.
@@ -208,6 +215,21 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     all_cpus.dedup();
     eprintln!("== machine jitter: 1 ms sleeps on CPUs {all_cpus:?} for {JITTER_TIME:?}");
     let jitter = jitter::measure(&all_cpus, JITTER_TIME);
+    // Policy evaluation alone first, while no topology runs: one thread on the proxies' CPU, two on
+    // the proxies' and the load's.
+    let policy_eval = (!args.skip_policy_eval).then(|| {
+        eprintln!(
+            "== policy evaluation in process ({})",
+            args.policy_dir.display()
+        );
+        let mut cpus: Vec<usize> = cpus_proxy.iter().chain(&cpus_load).copied().collect();
+        let mut seen = std::collections::HashSet::new();
+        cpus.retain(|c| seen.insert(*c));
+        policy::run(&args.policy_dir, &cpus, args.policy_eval_time).map_err(|e| {
+            eprintln!("== policy evaluation FAILED: {e:#}");
+            format!("{e:#}")
+        })
+    });
     let results = rt.block_on(run_all(args, &cpus_proxy, &cpus_load))?;
     // Again afterwards: the machine's mood changes over minutes, and one figure would mislead.
     eprintln!("== machine jitter again, after the run");
@@ -226,6 +248,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         wall: started.elapsed(),
         jitter,
         jitter_after,
+        policy_eval,
     };
     println!("{}", report::terminal_table(&report));
     if let Some(path) = &args.report {
@@ -244,6 +267,9 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         .collect();
     if !failed.is_empty() {
         bail!("topologies failed: {}", failed.join(", "));
+    }
+    if let Some(Err(e)) = &report.policy_eval {
+        bail!("policy evaluation benchmark failed: {e}");
     }
     Ok(())
 }
@@ -294,7 +320,12 @@ async fn run_all(
 
     let mut topologies = Vec::new();
     let mut live = Vec::new();
-    for kind in [Kind::Direct, Kind::Mandate, Kind::Nginx] {
+    for kind in [
+        Kind::Direct,
+        Kind::Mandate,
+        Kind::MandatePolicy,
+        Kind::Nginx,
+    ] {
         if !env.args.wants(kind) {
             let why = if kind == Kind::Nginx && args.skip_nginx {
                 "--skip-nginx"
@@ -310,7 +341,8 @@ async fn run_all(
         eprintln!("== {}: starting", kind.label());
         let started = match kind {
             Kind::Direct => Ok(direct(&env)),
-            Kind::Mandate => mandate::start(&env).await,
+            Kind::Mandate => mandate::start(&env, false).await,
+            Kind::MandatePolicy => mandate::start(&env, true).await,
             Kind::Nginx => nginx::start(&env).await,
         };
         let status = match started {
@@ -356,6 +388,7 @@ fn direct(env: &Env<'_>) -> Running {
         procs: vec![],
         facts: vec![],
         configs: vec![],
+        decision_logs: vec![],
     }
 }
 
@@ -533,6 +566,12 @@ impl Live {
             })
             .collect();
         let (noise_rate, noise_sat) = (self.rate.noise(), self.sat.noise());
+        let decisions = self
+            .running
+            .decision_logs
+            .iter()
+            .map(|(name, path)| policy::tally(name, path))
+            .collect();
         let status = match (self.rate.outcome.take(), self.sat.outcome.take()) {
             (Some(open), Some(sat)) => Status::Done(Box::new(Measured {
                 warmup_errors: self.warmup_errors,
@@ -546,6 +585,7 @@ impl Live {
                 crashed,
                 facts: self.running.facts.clone(),
                 configs: self.running.configs.clone(),
+                decisions,
             })),
             _ => Status::Failed("no measurement was taken".to_owned()),
         };
