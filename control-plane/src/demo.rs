@@ -735,7 +735,15 @@ async fn unrouted_call(t: &mut Transcript, w: &World, tool: &SampleTool) {
         body["error"] == "denied" && body["destination"] == "example.com:80",
         "the refusal says denied and names the destination example.com:80",
     );
-    t.info("routing refuses it before any policy runs, so it leaves no decision record");
+    t.info(
+        "routing refuses it before any policy runs; it is still recorded as a (denied) decision",
+    );
+    t.check(
+        body["decision_id"]
+            .as_str()
+            .is_some_and(|id| response.header("x-mandate-decision-id") == Some(id)),
+        "the refusal carries a decision id, in the body and the x-mandate-decision-id header",
+    );
     t.check(
         tool.requests() == before,
         "no request reached the tool or left the agent's host",
@@ -746,7 +754,8 @@ async fn unrouted_call(t: &mut Transcript, w: &World, tool: &SampleTool) {
 async fn decision_logs(t: &mut Transcript, w: &World) {
     t.step("What the sidecars decided (their --decision-log files, one JSON line per decision)");
     // Decisions are written by a background thread within milliseconds; wait for them to appear.
-    let want_agent = 4;
+    // Four calls decided by policy, and the unrouted call refused by routing.
+    let want_agent = 5;
     let want_tool = 2;
     let deadline = Instant::now() + SETTLE;
     let (agent, tool) = loop {
@@ -888,7 +897,7 @@ async fn metrics(t: &mut Transcript, w: &World) {
                 ("result", "deny"),
                 ("enforced", "true"),
             ],
-            2.0,
+            3.0,
         ),
         (
             "tool",
