@@ -10,7 +10,7 @@ use mandate_identity::TrustDomain;
 use serde::Deserialize;
 
 use crate::authz::Enforcement;
-use crate::policy::{EngineChoiceSetting, PolicySource};
+use crate::policy::PolicySource;
 use crate::routes::{Route, RouteTable};
 use mandate_rego::EngineChoice;
 
@@ -340,17 +340,12 @@ fn policy_config(args: &Args) -> Result<Option<PolicyConfig>, ConfigError> {
     }
     let body_limit = parse_size(args.body_limit.as_deref().unwrap_or("1MiB"))
         .map_err(|why| field("--body-limit", why))?;
-    let engine = match args.policy_engine.as_deref().unwrap_or("auto") {
-        "auto" => EngineChoiceSetting(EngineChoice::Auto, "auto"),
-        "rvm" => EngineChoiceSetting(EngineChoice::Vm, "rvm"),
-        "interpreter" => EngineChoiceSetting(EngineChoice::Interpreter, "interpreter"),
-        other => {
-            return Err(field(
-                "--policy-engine",
-                format!("{other:?} is not an engine (use auto, rvm or interpreter)"),
-            ));
-        }
-    };
+    let engine: EngineChoice = args
+        .policy_engine
+        .as_deref()
+        .unwrap_or("auto")
+        .parse()
+        .map_err(|why| field("--policy-engine", why))?;
     Ok(Some(PolicyConfig {
         source: PolicySource {
             path: path.clone(),
@@ -440,6 +435,10 @@ mod tests {
             (
                 vec!["--dry-run"],
                 "--dry-run: only means something with --policy",
+            ),
+            (
+                vec!["--policy", "p.rego", "--policy-engine", "vm"],
+                "--policy-engine: unknown policy engine",
             ),
             (
                 vec!["--policy", "p.rego", "--body-limit", "lots"],

@@ -26,17 +26,7 @@ pub struct PolicySource {
     pub time_limit: Duration,
     /// Which evaluator runs the policy.
     #[serde(serialize_with = "crate::routes::serialize_display")]
-    pub engine: EngineChoiceSetting,
-}
-
-/// `--policy-engine`, as given.
-#[derive(Debug, Clone, Copy)]
-pub struct EngineChoiceSetting(pub EngineChoice, pub &'static str);
-
-impl std::fmt::Display for EngineChoiceSetting {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.1)
-    }
+    pub engine: EngineChoice,
 }
 
 mod humantime_serde_compat {
@@ -182,7 +172,7 @@ fn compile(
         &modules,
         data.clone(),
         source.time_limit,
-        source.engine.0,
+        source.engine,
         Some(on_divergence),
     )?;
     Ok(LoadedPolicy { policy, data })

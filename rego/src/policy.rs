@@ -98,13 +98,30 @@ pub enum EngineChoice {
     Interpreter,
 }
 
+impl EngineChoice {
+    /// The word `--policy-engine` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Vm => "rvm",
+            Self::Interpreter => "interpreter",
+        }
+    }
+}
+
+impl std::fmt::Display for EngineChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl std::str::FromStr for EngineChoice {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "auto" => Ok(Self::Auto),
-            "rvm" | "vm" => Ok(Self::Vm),
+            "rvm" => Ok(Self::Vm),
             "interpreter" => Ok(Self::Interpreter),
             other => Err(format!(
                 "unknown policy engine {other:?} (use auto, rvm or interpreter)"
