@@ -244,21 +244,17 @@ impl Policy {
         choice: EngineChoice,
         on_divergence: Option<DivergenceHook>,
     ) -> Result<Self, PolicyError> {
-        let mut engine = Engine::new();
-        engine.set_execution_timer_config(timer(time_limit));
-        let compile_err = |e: anyhow::Error| PolicyError::Compile(format!("{e:#}"));
+        let version = version_of(modules, &data);
+        let (mut engine, packages) = load_engine(modules, data.clone(), time_limit)?;
         let mut entry = None;
-        for module in modules {
-            let package = engine
-                .add_policy(module.path.clone(), module.text.clone())
-                .map_err(compile_err)?;
+        for (module, package) in modules.iter().zip(&packages) {
             if package != PACKAGE {
                 continue;
             }
             let declares = |name: &str| {
                 engine
                     .has_declared_rule_rooted_at(&module.path, name)
-                    .map_err(compile_err)
+                    .map_err(compile_error)
             };
             // `decision` wins over `allow` when a policy defines both.
             if declares("decision")? {
@@ -268,13 +264,11 @@ impl Policy {
             }
         }
         let entry = entry.ok_or(PolicyError::NoEntryPoint)?;
-        let version = version_of(modules, &data);
-        engine.add_data(data.clone()).map_err(compile_err)?;
         // Analyse now: compile-time errors surface here rather than on the first request, and
         // every per-thread clone starts prepared.
         let compiled = engine
             .compile_with_entrypoint(&regorus::Rc::from(entry.rule()))
-            .map_err(compile_err)?;
+            .map_err(compile_error)?;
 
         let (program, engine_note) = match choice {
             EngineChoice::Interpreter => (None, None),
@@ -453,6 +447,32 @@ impl EntryPoint {
             }
         }
     }
+}
+
+/// An interpreter holding `modules` and `data`, evaluations cut off after `time_limit`, and the
+/// package of each module in order: what both a policy and its test run start from.
+pub(crate) fn load_engine(
+    modules: &[Module],
+    data: Value,
+    time_limit: Duration,
+) -> Result<(Engine, Vec<String>), PolicyError> {
+    let mut engine = Engine::new();
+    engine.set_execution_timer_config(timer(time_limit));
+    let packages = modules
+        .iter()
+        .map(|m| {
+            engine
+                .add_policy(m.path.clone(), m.text.clone())
+                .map_err(compile_error)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    engine.add_data(data).map_err(compile_error)?;
+    Ok((engine, packages))
+}
+
+/// A compiler or loader error, with regorus' full context.
+pub(crate) fn compile_error(e: anyhow::Error) -> PolicyError {
+    PolicyError::Compile(format!("{e:#}"))
 }
 
 fn interpreter_error(e: anyhow::Error) -> EvalError {

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use regorus::utils::limits::ExecutionTimerConfig;
-use regorus::{Engine, Value};
+use regorus::Value;
 
+use crate::policy::{compile_error, load_engine};
 use crate::source::{Module, PolicyError};
 
 /// How long one test may run before it counts as an error.
@@ -34,29 +34,20 @@ pub struct TestOutcome {
 
 /// Compiles every module with `data` and runs each `test_*` rule; compile errors abort the run.
 pub fn run_tests(modules: &[Module], data: Value) -> Result<Vec<TestOutcome>, PolicyError> {
-    let mut engine = Engine::new();
-    engine.set_execution_timer_config(ExecutionTimerConfig {
-        limit: TEST_TIME_LIMIT,
-        check_interval: std::num::NonZeroU32::new(64).expect("non-zero"),
-    });
-    let compile_err = |e: anyhow::Error| PolicyError::Compile(format!("{e:#}"));
+    let (mut engine, packages) = load_engine(modules, data, TEST_TIME_LIMIT)?;
     let mut tests = Vec::new();
-    for module in modules {
-        let package = engine
-            .add_policy(module.path.clone(), module.text.clone())
-            .map_err(compile_err)?;
+    for (module, package) in modules.iter().zip(packages) {
         for name in test_rule_names(&module.text) {
             // The scan finds candidates; the parser confirms they are rules of this module.
             if engine
                 .has_declared_rule_rooted_at(&module.path, &name)
-                .map_err(compile_err)?
+                .map_err(compile_error)?
                 && !tests.contains(&(package.clone(), name.clone()))
             {
                 tests.push((package.clone(), name));
             }
         }
     }
-    engine.add_data(data).map_err(compile_err)?;
     Ok(tests
         .into_iter()
         .map(|(package, name)| {
