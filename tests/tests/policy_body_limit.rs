@@ -26,22 +26,8 @@ async fn start(env: &TestEnv, app: &App) -> anyhow::Result<(Sidecar, Sidecar)> {
         "allow-all",
         &rego(r#"decision := {"allow": true, "reason": "everything is allowed here"}"#),
     )?;
-    let tool = env
-        .sidecar("tool")
-        .identity("service/tool")
-        .app(app.addr())
-        .spawn()
-        .await?;
-    let agent = env
-        .sidecar("agent")
-        .identity("agent/alice")
-        .route_to("tool:8080", &tool)
-        .policy(policy.path())
-        .body_limit("1KiB")
-        .decision_log()
-        .spawn()
-        .await?;
-    Ok((agent, tool))
+    env.agent_with_policy(app, policy.path(), &["--body-limit", "1KiB"])
+        .await
 }
 
 fn check_too_large(resp: &mandate_e2e::client::Collected, how: &str) -> anyhow::Result<Denial> {

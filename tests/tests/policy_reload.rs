@@ -56,20 +56,7 @@ async fn broken_policy_on_reload_is_rejected_and_the_last_good_one_keeps_decidin
     env.run(LIMIT, async {
         let app = mandate_e2e::apps::App::start().await?;
         let policy = env.policy_dir("reloaded", &rego(V1))?;
-        let tool = env
-            .sidecar("tool")
-            .identity("service/tool")
-            .app(app.addr())
-            .spawn()
-            .await?;
-        let agent = env
-            .sidecar("agent")
-            .identity("agent/alice")
-            .route_to("tool:8080", &tool)
-            .policy(policy.path())
-            .decision_log()
-            .spawn()
-            .await?;
+        let (agent, _tool) = env.agent_with_policy(&app, policy.path(), &[]).await?;
         let open = || proxy_get(agent.outbound(), "http://tool:8080/open", &[]);
         let closed = || proxy_get(agent.outbound(), "http://tool:8080/closed", &[]);
 
