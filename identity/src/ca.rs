@@ -28,6 +28,9 @@ pub enum CaError {
     /// The CA certificate is not parseable or not a CA.
     #[error("CA certificate is unusable: {0}")]
     BadCaCertificate(String),
+    /// A certificate signing request that cannot be parsed or whose signature is wrong.
+    #[error("certificate signing request is unusable: {0}")]
+    BadCsr(String),
     /// The requested identity is outside the CA's trust domain.
     #[error("{id} is not in this CA's trust domain {td}")]
     ForeignIdentity {
@@ -124,6 +127,27 @@ impl CertificateAuthority {
             cert_pem,
             key_pem: key.serialize_pem(),
         })
+    }
+
+    /// Signs `message` with the CA key (ECDSA P-256 SHA-256, ASN.1 DER). Callers must prefix
+    /// their own domain-separation label: the same key signs certificates.
+    pub fn sign_bytes(&self, message: &[u8]) -> Result<Vec<u8>, CaError> {
+        use rcgen::SigningKey as _;
+        Ok(self.issuer.key().sign(message)?)
+    }
+
+    /// Issues an SVID for `id` to the public key of a PEM certificate signing request. Only the
+    /// CSR's key is used: the identity, lifetime and extensions are the CA's to decide, and the
+    /// caller must first check the CSR asks for `id` (see [`crate::csr::requested_id`]).
+    pub fn issue_for_csr(
+        &self,
+        csr_pem: &str,
+        id: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<String, CaError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| CaError::BadCsr(e.to_string()))?;
+        self.sign(svid_params(id, ttl), &csr.public_key, id)
     }
 
     /// Signs leaf `params` (normally from [`svid_params`]) for `public_key`; returns the certificate PEM.
