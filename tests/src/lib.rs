@@ -7,6 +7,7 @@
 
 pub mod apps;
 pub mod client;
+pub mod control_plane;
 pub mod metrics;
 pub mod pki;
 pub mod policy;
@@ -20,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use control_plane::{ControlPlane, ControlPlaneBuilder};
 pub use metrics::Metrics;
 pub use pki::{Broken, Pki, Svid};
 pub use sidecar::{Sidecar, SidecarBuilder};
@@ -109,6 +111,11 @@ impl TestEnv {
     /// Starts describing a sidecar named `name` (used for its files and in printed logs).
     pub fn sidecar(&self, name: &str) -> SidecarBuilder<'_> {
         SidecarBuilder::new(self, name)
+    }
+
+    /// Starts describing a control plane (`mandate serve`) named `name`.
+    pub fn control_plane(&self, name: &str) -> ControlPlaneBuilder<'_> {
+        ControlPlaneBuilder::new(self, name)
     }
 
     /// The usual pair: a tool sidecar (`service/tool`, forwarding to `app`) and an agent sidecar

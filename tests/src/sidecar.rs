@@ -31,6 +31,15 @@ pub struct SidecarBuilder<'a> {
     envs: Vec<(String, String)>,
     tcp_listens: usize,
     decision_log: bool,
+    managed: Option<Managed>,
+}
+
+/// Managed mode: where the control plane is and the join token to enrol with.
+#[derive(Clone)]
+struct Managed {
+    url: String,
+    join_token: String,
+    spiffe_id: String,
 }
 
 /// What [`SidecarBuilder::spawn`] waits for before handing the sidecar over.
@@ -40,6 +49,8 @@ enum WaitFor {
     Ready,
     /// `/healthz` answers 200 (listeners bound), whatever `/readyz` says.
     Live,
+    /// Nothing: the process has been started.
+    Nothing,
 }
 
 impl<'a> SidecarBuilder<'a> {
@@ -55,12 +66,27 @@ impl<'a> SidecarBuilder<'a> {
             envs: Vec::new(),
             tcp_listens: 0,
             decision_log: false,
+            managed: None,
         }
     }
 
     /// Runs with a good SVID for `shorthand` (`agent/NAME`, `service/NAME`) issued by the test CA.
     pub fn identity(mut self, shorthand: &str) -> Self {
         self.svid = Some(self.env.pki().issue(shorthand));
+        self
+    }
+
+    /// Managed mode: `--control-plane <cp> --join-token TOKEN`; identity, policy and registry come
+    /// from the control plane (and its SPIFFE ID from the token).
+    pub fn managed(mut self, cp: &crate::ControlPlane, join_token: &str) -> Self {
+        let spiffe_id = mandate_wire::JoinToken::parse(join_token)
+            .map(|t| t.spiffe_id().to_owned())
+            .unwrap_or_default();
+        self.managed = Some(Managed {
+            url: cp.url(),
+            join_token: join_token.to_owned(),
+            spiffe_id,
+        });
         self
     }
 
@@ -175,18 +201,30 @@ impl<'a> SidecarBuilder<'a> {
         self.start(WaitFor::Live).await
     }
 
+    /// Starts the process without waiting for it to become live or ready: for sidecars expected
+    /// to fail at start-up.
+    pub async fn spawn_unwaited(self) -> anyhow::Result<Sidecar> {
+        self.start(WaitFor::Nothing).await
+    }
+
     async fn start(self, wait_for: WaitFor) -> anyhow::Result<Sidecar> {
         let bin = crate::bin("mandate-proxy")?;
-        let svid = self
-            .svid
-            .clone()
-            .with_context(|| format!("sidecar {}: no identity given", self.name))?;
+        if self.managed.is_none() && self.svid.is_none() {
+            bail!("sidecar {}: no identity given", self.name);
+        }
         let dir = self.env.dir().join(&self.name);
         std::fs::create_dir_all(&dir)?;
         let cert = dir.join("cert.pem");
         let key = dir.join("key.pem");
-        std::fs::write(&cert, &svid.cert_pem)?;
-        std::fs::write(&key, &svid.key_pem)?;
+        if let Some(svid) = &self.svid {
+            std::fs::write(&cert, &svid.cert_pem)?;
+            std::fs::write(&key, &svid.key_pem)?;
+        }
+        let id = match (&self.managed, &self.svid) {
+            (Some(managed), _) => managed.spiffe_id.clone(),
+            (None, Some(svid)) => svid.id.clone(),
+            (None, None) => unreachable!("checked above"),
+        };
         let bundle = self
             .bundle
             .clone()
@@ -211,15 +249,19 @@ impl<'a> SidecarBuilder<'a> {
             self.env.logs().register(&log_name, log.clone());
 
             let mut cmd = Command::new(&bin);
-            cmd.arg("--trust-domain")
-                .arg(crate::pki::TRUST_DOMAIN)
-                .arg("--cert")
-                .arg(&cert)
-                .arg("--key")
-                .arg(&key)
-                .arg("--bundle")
-                .arg(&bundle)
-                .arg("--outbound")
+            cmd.arg("--trust-domain").arg(crate::pki::TRUST_DOMAIN);
+            match &self.managed {
+                // The token travels in the environment, not argv, where `ps` would show it.
+                Some(managed) => cmd.arg("--control-plane").arg(&managed.url),
+                None => cmd
+                    .arg("--cert")
+                    .arg(&cert)
+                    .arg("--key")
+                    .arg(&key)
+                    .arg("--bundle")
+                    .arg(&bundle),
+            };
+            cmd.arg("--outbound")
                 .arg(outbound.to_string())
                 .arg("--inbound")
                 .arg(inbound.to_string())
@@ -251,6 +293,9 @@ impl<'a> SidecarBuilder<'a> {
                 "MANDATE_LOG",
                 std::env::var("MANDATE_E2E_LOG").unwrap_or_else(|_| "info".to_owned()),
             );
+            if let Some(managed) = &self.managed {
+                cmd.env("MANDATE_JOIN_TOKEN", &managed.join_token);
+            }
             for (k, v) in &self.envs {
                 cmd.env(k, v);
             }
@@ -264,7 +309,8 @@ impl<'a> SidecarBuilder<'a> {
             let mut sidecar = Sidecar {
                 name: self.name.clone(),
                 child,
-                svid: svid.clone(),
+                id: id.clone(),
+                svid: self.svid.clone(),
                 outbound,
                 inbound,
                 admin,
@@ -277,6 +323,7 @@ impl<'a> SidecarBuilder<'a> {
             let waited = match wait_for {
                 WaitFor::Ready => sidecar.wait_ready().await,
                 WaitFor::Live => sidecar.wait_live().await,
+                WaitFor::Nothing => Ok(()),
             };
             match waited {
                 Ok(()) => return Ok(sidecar),
@@ -297,7 +344,8 @@ impl<'a> SidecarBuilder<'a> {
 pub struct Sidecar {
     name: String,
     child: Child,
-    svid: Svid,
+    id: String,
+    svid: Option<Svid>,
     outbound: SocketAddr,
     inbound: SocketAddr,
     admin: SocketAddr,
@@ -352,14 +400,21 @@ impl Sidecar {
         &self.name
     }
 
-    /// The SPIFFE ID of the SVID it was started with.
+    /// Its SPIFFE ID (from its SVID, or in managed mode from its join token).
     pub fn id(&self) -> &str {
-        &self.svid.id
+        &self.id
     }
 
-    /// The SVID it was started with.
+    /// The SVID it was started with (standalone mode only).
     pub fn svid(&self) -> &Svid {
-        &self.svid
+        self.svid
+            .as_ref()
+            .expect("a managed sidecar has no SVID file; its identity came from the control plane")
+    }
+
+    /// Whether `/readyz` answers 200 now.
+    pub async fn is_ready(&self) -> bool {
+        matches!(self.admin_get("/readyz").await, Ok(r) if r.status == 200)
     }
 
     /// The outbound listener (the agent's explicit proxy).
