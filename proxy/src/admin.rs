@@ -14,7 +14,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::authz::Authorizer;
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::identity::IdentityStore;
 use crate::metrics::Metrics;
 
@@ -40,10 +40,8 @@ impl Admin {
         ready: Arc<AtomicBool>,
     ) -> Self {
         let routes: Vec<_> = config.routes.iter().map(|r| json!(r.as_ref())).collect();
-        let config = json!({
-            "mode": "standalone",
+        let mut rendered = json!({
             "trust_domain": config.trust_domain.as_str(),
-            "identity_files": config.identity_files,
             "outbound": config.outbound.to_string(),
             "inbound": config.inbound.to_string(),
             "app": config.app.map(|a| a.to_string()),
@@ -54,16 +52,34 @@ impl Admin {
             "log_format": config.log_format,
             "policy": config.policy.as_ref().map(|p| json!({
                 "source": p.source,
+                "settings": p.settings,
                 "enforcement": p.enforcement,
                 "decision_log": p.decision_log,
             })),
         });
+        match &config.mode {
+            Mode::Standalone(files) => {
+                rendered["mode"] = json!("standalone");
+                rendered["identity_files"] = json!(files);
+            }
+            Mode::Managed(managed) => {
+                rendered["mode"] = json!("managed");
+                rendered["control_plane"] = json!(managed.control_plane.to_string());
+                rendered["state_dir"] = json!(managed.state_dir);
+                // The join token is a secret: say only whether one was given.
+                rendered["join_token"] = json!(if managed.join_token.is_some() {
+                    "given (not shown)"
+                } else {
+                    "none"
+                });
+            }
+        }
         Self {
             metrics,
             identity,
             authz,
             ready,
-            config,
+            config: rendered,
         }
     }
 
@@ -127,13 +143,16 @@ impl Admin {
         }
     }
 
-    fn not_ready_reason(&self) -> Option<&'static str> {
+    fn not_ready_reason(&self) -> Option<String> {
         if !self.ready.load(Ordering::Acquire) {
-            Some("not ready: starting or draining\n")
+            Some("not ready: starting or draining\n".into())
         } else if !self.identity.is_valid_now() {
-            Some("not ready: the SVID is outside its validity period\n")
-        } else if self.authz.as_ref().is_some_and(|a| !a.has_policy()) {
-            Some("not ready: no policy has loaded (see the log for the compiler's message)\n")
+            Some("not ready: the SVID is outside its validity period\n".into())
+        } else if let Some(authz) = self.authz.as_ref().filter(|a| !a.has_policy()) {
+            Some(format!(
+                "not ready: {} (see the log for why)\n",
+                authz.policy().missing_reason()
+            ))
         } else {
             None
         }

@@ -16,12 +16,15 @@ use mandate_rego::Value;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::decisions::{DecisionLog, DecisionRecord, DestinationRecord, McpRecord};
+use mandate_wire::{DecisionRecord, DestinationRecord, McpRecord};
+
+use crate::decisions::DecisionLog;
 use crate::headers::{ProxyBody, json_response};
 use crate::input::{self, CallFacts, Destination, RequestFacts};
 use crate::mcp::{self, Call, Rpc};
 use crate::metrics::{Direction, Metrics};
 use crate::policy::PolicyStore;
+use crate::sync::report::DecisionQueue;
 
 /// Response header naming the decision.
 pub static DECISION_ID: HeaderName = HeaderName::from_static("x-mandate-decision-id");
@@ -55,6 +58,18 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// A refusal taken before policy (no route, an inactive workload, a malformed request).
+    pub fn refusal(reason: String) -> Self {
+        Self {
+            id: Uuid::now_v7(),
+            allow: false,
+            enforced: true,
+            reason,
+            policy_version: None,
+            eval: Duration::ZERO,
+        }
+    }
+
     /// Whether the call goes ahead.
     pub fn proceeds(&self) -> bool {
         self.allow || !self.enforced
@@ -89,20 +104,29 @@ impl AuthorizedHttp {
     }
 }
 
+/// Where decision records go: the JSON-lines file, the control plane, both or neither.
+#[derive(Default)]
+pub struct Recorders {
+    /// The standalone decision log (`--decision-log`).
+    pub log: Option<DecisionLog>,
+    /// The queue of batches to the control plane (managed mode).
+    pub control_plane: Option<DecisionQueue>,
+}
+
 /// Decides and records calls against the policy in force.
 pub struct Authorizer {
     policy: Arc<PolicyStore>,
-    log: Option<DecisionLog>,
+    recorders: Recorders,
     metrics: Arc<Metrics>,
     enforcement: Enforcement,
     sidecar: String,
 }
 
 impl Authorizer {
-    /// An authorizer over `policy`, recording to `log` if given.
+    /// An authorizer over `policy`, recording to `recorders`.
     pub fn new(
         policy: Arc<PolicyStore>,
-        log: Option<DecisionLog>,
+        recorders: Recorders,
         metrics: Arc<Metrics>,
         enforcement: Enforcement,
     ) -> Self {
@@ -111,7 +135,7 @@ impl Authorizer {
             .unwrap_or_else(|_| "unknown".to_owned());
         Self {
             policy,
-            log,
+            recorders,
             metrics,
             enforcement,
             sidecar,
@@ -123,17 +147,31 @@ impl Authorizer {
         self.policy.current().is_some()
     }
 
-    /// Waits until the decision log has written everything queued (shutdown).
-    pub fn flush(&self) {
-        if let Some(log) = &self.log {
+    /// The policy store decisions are taken against.
+    pub fn policy(&self) -> &Arc<PolicyStore> {
+        &self.policy
+    }
+
+    /// Waits until the decision log has written everything queued, and (managed mode) until the
+    /// control plane has every record, within `timeout` (shutdown).
+    pub async fn flush(&self, timeout: Duration) {
+        if let Some(log) = &self.recorders.log {
             log.flush(Duration::from_secs(2));
+        }
+        if let Some(queue) = &self.recorders.control_plane {
+            queue.flush(timeout).await;
         }
     }
 
     fn decide(&self, facts: &CallFacts<'_>) -> Decision {
         let id = Uuid::now_v7();
         let decision = match self.policy.current() {
-            None => self.unusable(id, None, "no policy is loaded".to_owned(), Duration::ZERO),
+            None => self.unusable(
+                id,
+                None,
+                self.policy.missing_reason().to_owned(),
+                Duration::ZERO,
+            ),
             Some(loaded) => {
                 let registry =
                     loaded.registry_entry(facts.source.kind().as_str(), facts.source.name());
@@ -142,7 +180,7 @@ impl Authorizer {
                 let result = loaded.policy.evaluate(input);
                 let eval = start.elapsed();
                 self.metrics.policy_eval.observe(eval.as_secs_f64());
-                let version = Some(loaded.policy.version().to_owned());
+                let version = Some(loaded.version().to_owned());
                 match result {
                     Ok(verdict) => Decision {
                         id,
@@ -194,14 +232,7 @@ impl Authorizer {
     /// A refusal taken before policy (malformed or oversized body): recorded like any decision.
     fn refusal(&self, direction: Direction, reason: String) -> Decision {
         self.metrics.decision(direction, false, true);
-        Decision {
-            id: Uuid::now_v7(),
-            allow: false,
-            enforced: true,
-            reason,
-            policy_version: None,
-            eval: Duration::ZERO,
-        }
+        Decision::refusal(reason)
     }
 
     /// Decides an opaque TCP connection or `CONNECT` tunnel, once, on identity and destination.
@@ -391,27 +422,29 @@ impl Authorizer {
         ))
     }
 
-    /// Records a call refused before policy could decide it (no route), and returns its decision.
-    pub fn refuse_unrouted(
+    /// Records a call refused before policy could decide it (no route, an inactive workload), and
+    /// returns its decision. `parts` is the HTTP request, absent for TCP.
+    pub fn refuse(
         &self,
+        direction: Direction,
         source: &SpiffeId,
         destination: Destination<'_>,
-        parts: &Parts,
+        parts: Option<&Parts>,
         reason: String,
     ) -> Decision {
         let facts = CallFacts {
-            direction: Direction::Outbound,
+            direction,
             source,
             destination,
             request: None,
             mcp: None,
         };
-        let decision = self.refusal(Direction::Outbound, reason);
+        let decision = self.refusal(direction, reason);
         self.record(
-            &summarize(&facts, Some(parts)),
+            &summarize(&facts, parts),
             &decision,
             None,
-            Some(StatusCode::FORBIDDEN),
+            parts.map(|_| StatusCode::FORBIDDEN),
         );
         decision
     }
@@ -434,16 +467,20 @@ impl Authorizer {
         mcp: Option<McpRecord>,
         status: Option<StatusCode>,
     ) {
-        let Some(log) = &self.log else { return };
-        log.record(DecisionRecord {
+        let Recorders { log, control_plane } = &self.recorders;
+        if log.is_none() && control_plane.is_none() {
+            return;
+        }
+        let record = DecisionRecord {
             decision_id: d.id.to_string(),
             timestamp: humantime::format_rfc3339_micros(uuid_time(&d.id)).to_string(),
-            direction: summary.direction.as_str(),
+            direction: summary.direction,
             source: summary.source.clone(),
             destination: summary.destination.clone(),
             method: summary.method.clone(),
             path: summary.path.clone(),
             mcp,
+            delegation: None,
             allow: d.allow,
             enforced: d.enforced,
             reason: d.reason.clone(),
@@ -452,7 +489,16 @@ impl Authorizer {
             trace_id: summary.trace_id.clone(),
             sidecar: self.sidecar.clone(),
             status: status.map(|s| s.as_u16()),
-        });
+        };
+        match (log, control_plane) {
+            (Some(log), Some(queue)) => {
+                log.record(record.clone());
+                queue.record(record);
+            }
+            (Some(log), None) => log.record(record),
+            (None, Some(queue)) => queue.record(record),
+            (None, None) => {}
+        }
     }
 }
 

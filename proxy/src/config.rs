@@ -9,8 +9,10 @@ use clap::{Parser, ValueEnum};
 use mandate_identity::TrustDomain;
 use serde::Deserialize;
 
+use mandate_wire::JoinToken;
+
 use crate::authz::Enforcement;
-use crate::policy::PolicySource;
+use crate::policy::{CompileSettings, PolicySource};
 use crate::routes::{Route, RouteTable};
 use mandate_rego::EngineChoice;
 
@@ -73,6 +75,18 @@ pub struct Args {
     /// Trust bundle: CA certificates (PEM) peers' SVIDs must chain to. Reloaded on change.
     #[arg(long, env = "MANDATE_BUNDLE")]
     pub bundle: Option<PathBuf>,
+    /// Managed mode: the control plane (`mandate serve`), https://HOST[:PORT]. Identity, policy and
+    /// registry then come from it.
+    #[arg(long, env = "MANDATE_CONTROL_PLANE")]
+    pub control_plane: Option<String>,
+    /// Managed mode: the one-time join token printed by `mandate agent register` (prefer the
+    /// MANDATE_JOIN_TOKEN variable: argv is visible to `ps`).
+    #[arg(long, env = "MANDATE_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// Managed mode: keeps the key, SVID and trust bundle here (key 0600), so a restart reuses
+    /// them instead of the already used join token.
+    #[arg(long, env = "MANDATE_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Listener for the agent's outbound calls [default: 127.0.0.1:15001].
     #[arg(long, env = "MANDATE_OUTBOUND")]
     pub outbound: Option<String>,
@@ -151,6 +165,9 @@ impl Args {
             cert: self.cert.or(file.cert),
             key: self.key.or(file.key),
             bundle: self.bundle.or(file.bundle),
+            control_plane: self.control_plane.or(file.control_plane),
+            join_token: self.join_token.or(file.join_token),
+            state_dir: self.state_dir.or(file.state_dir),
             outbound: self.outbound.or(file.outbound),
             inbound: self.inbound.or(file.inbound),
             app: self.app.or(file.app),
@@ -195,13 +212,90 @@ pub struct IdentityFiles {
     pub bundle: PathBuf,
 }
 
+/// Where identity and policy come from.
+#[derive(Debug)]
+pub enum Mode {
+    /// Identity from files, policy from files (or none).
+    Standalone(IdentityFiles),
+    /// Identity, policy and registry from the control plane.
+    Managed(ManagedConfig),
+}
+
+/// Managed mode settings.
+#[derive(Debug, Clone)]
+pub struct ManagedConfig {
+    /// The control plane.
+    pub control_plane: ControlPlaneUrl,
+    /// The one-time join token (`Debug` redacts its secret); absent when a state directory may
+    /// hold an identity from an earlier run.
+    pub join_token: Option<JoinToken>,
+    /// Where key, SVID and trust bundle are kept across restarts.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// An `https://HOST[:PORT]` control plane address.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ControlPlaneUrl {
+    /// Host name or IP address (SNI, and the `:authority` of requests).
+    pub host: String,
+    /// Port (443 when not given).
+    pub port: u16,
+}
+
+impl ControlPlaneUrl {
+    /// Parses `https://HOST[:PORT]` (a trailing `/` is allowed; no path, query or user info).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(format!(
+                "{s:?} must be an https:// URL (the control plane speaks TLS only)"
+            ));
+        }
+        if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+            return Err(format!("{s:?} must name only the server, no path or query"));
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("{s:?} names no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!("{s:?} must not carry user information"));
+        }
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        if host.is_empty() {
+            return Err(format!("{s:?} names no host"));
+        }
+        Ok(Self {
+            host: host.to_owned(),
+            port: authority.port_u16().unwrap_or(443),
+        })
+    }
+
+    /// `host:port` as an authority (IPv6 literals bracketed).
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::fmt::Display for ControlPlaneUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "https://{}", self.authority())
+    }
+}
+
 /// The validated configuration the sidecar runs with.
 #[derive(Debug)]
 pub struct Config {
     /// Our trust domain; peers outside it are refused.
     pub trust_domain: TrustDomain,
-    /// Where identity is read from.
-    pub identity_files: IdentityFiles,
+    /// Standalone (files) or managed (control plane).
+    pub mode: Mode,
     /// Outbound listener.
     pub outbound: SocketAddr,
     /// Inbound listener.
@@ -218,15 +312,17 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Log format.
     pub log_format: LogFormat,
-    /// Policy evaluated on every call (`None`: routes alone decide).
+    /// Policy evaluated on every call (`None`: routes alone decide; always present when managed).
     pub policy: Option<PolicyConfig>,
 }
 
-/// Policy settings, present when `--policy` is given.
+/// Policy settings, present when `--policy` is given or in managed mode.
 #[derive(Debug, Clone)]
 pub struct PolicyConfig {
-    /// Modules, data and time limit.
+    /// Files, or bundles pushed by the control plane.
     pub source: PolicySource,
+    /// Time limit and engine.
+    pub settings: CompileSettings,
     /// Dry-run, fail-open and the body limit.
     pub enforcement: Enforcement,
     /// Standalone decision log.
@@ -236,26 +332,50 @@ pub struct PolicyConfig {
 impl Config {
     /// Validates merged arguments; every error names the field to fix.
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
-        let policy = policy_config(&args)?;
+        let managed = managed_config(&args)?;
+        let policy = policy_config(&args, managed.is_some())?;
         let field = |field: &'static str, why: String| ConfigError::Field { field, why };
-        let trust_domain = args
+        let token_td = managed
+            .as_ref()
+            .and_then(|m| m.join_token.as_ref())
+            .map(|t| t.spiffe_id().parse::<mandate_identity::SpiffeId>())
+            .transpose()
+            .map_err(|e| field("--join-token", format!("its identity is unusable: {e}")))?
+            .map(|id| id.trust_domain_str().to_owned());
+        let trust_domain: TrustDomain = args
             .trust_domain
             .as_deref()
+            .or(token_td.as_deref())
             .unwrap_or("mandate.local")
             .parse()
             .map_err(|e: mandate_identity::SpiffeIdError| field("--trust-domain", e.to_string()))?;
-        let required = |name: &'static str, v: Option<PathBuf>| {
-            v.ok_or_else(|| {
-                field(
-                    name,
-                    "required in standalone mode (PEM file; `mandate ca issue` makes one)".into(),
-                )
-            })
-        };
-        let identity_files = IdentityFiles {
-            cert: required("--cert", args.cert)?,
-            key: required("--key", args.key)?,
-            bundle: required("--bundle", args.bundle)?,
+        if let Some(td) = token_td
+            && td != trust_domain.as_str()
+        {
+            return Err(field(
+                "--trust-domain",
+                format!("{trust_domain} differs from the join token's trust domain {td}"),
+            ));
+        }
+        let mode = match managed {
+            Some(managed) => Mode::Managed(managed),
+            None => {
+                let required = |name: &'static str, v: Option<PathBuf>| {
+                    v.ok_or_else(|| {
+                        field(
+                            name,
+                            "required in standalone mode (PEM file; `mandate ca issue` makes one), \
+                             or use --control-plane and --join-token for managed mode"
+                                .into(),
+                        )
+                    })
+                };
+                Mode::Standalone(IdentityFiles {
+                    cert: required("--cert", args.cert)?,
+                    key: required("--key", args.key)?,
+                    bundle: required("--bundle", args.bundle)?,
+                })
+            }
         };
         let addr = |name: &'static str, v: Option<String>, default: &str| {
             let v = v.unwrap_or_else(|| default.to_owned());
@@ -302,7 +422,7 @@ impl Config {
         Ok(Config {
             policy,
             trust_domain,
-            identity_files,
+            mode,
             outbound,
             inbound,
             app,
@@ -315,23 +435,101 @@ impl Config {
     }
 }
 
-fn policy_config(args: &Args) -> Result<Option<PolicyConfig>, ConfigError> {
+/// Managed mode settings when `--control-plane` is given; the identity and policy flags of
+/// standalone mode are refused next to it.
+fn managed_config(args: &Args) -> Result<Option<ManagedConfig>, ConfigError> {
     let field = |field: &'static str, why: String| ConfigError::Field { field, why };
-    let Some(path) = &args.policy else {
+    let Some(url) = &args.control_plane else {
         for (given, name) in [
-            (args.data.is_some(), "--data"),
-            (args.dry_run, "--dry-run"),
-            (args.fail_open, "--fail-open"),
-            (args.decision_log.is_some(), "--decision-log"),
-            (args.body_limit.is_some(), "--body-limit"),
-            (args.policy_timeout.is_some(), "--policy-timeout"),
-            (args.policy_engine.is_some(), "--policy-engine"),
+            (args.join_token.is_some(), "--join-token"),
+            (args.state_dir.is_some(), "--state-dir"),
         ] {
             if given {
-                return Err(field(name, "only means something with --policy".into()));
+                return Err(field(
+                    name,
+                    "only means something with --control-plane".into(),
+                ));
             }
         }
         return Ok(None);
+    };
+    for (given, name) in [
+        (args.cert.is_some(), "--cert"),
+        (args.key.is_some(), "--key"),
+        (args.bundle.is_some(), "--bundle"),
+        (args.policy.is_some(), "--policy"),
+        (args.data.is_some(), "--data"),
+    ] {
+        if given {
+            return Err(field(
+                name,
+                "cannot be used with --control-plane: in managed mode identity and policy come \
+                 from the control plane (give either --control-plane and --join-token, or \
+                 --cert/--key/--bundle and --policy/--data)"
+                    .into(),
+            ));
+        }
+    }
+    let control_plane = ControlPlaneUrl::parse(url).map_err(|why| field("--control-plane", why))?;
+    // Never echo the token: it is a secret.
+    let join_token = args
+        .join_token
+        .as_deref()
+        .map(JoinToken::parse)
+        .transpose()
+        .map_err(|e| field("--join-token", e.to_string()))?;
+    if join_token.is_none() && args.state_dir.is_none() {
+        return Err(field(
+            "--join-token",
+            "required with --control-plane (or MANDATE_JOIN_TOKEN; `mandate agent register` or \
+             `mandate agent token NAME` prints one), unless --state-dir holds an identity from \
+             an earlier run"
+                .into(),
+        ));
+    }
+    if let Some(dir) = &args.state_dir
+        && dir.exists()
+        && !dir.is_dir()
+    {
+        return Err(field(
+            "--state-dir",
+            format!("{} exists and is not a directory", dir.display()),
+        ));
+    }
+    Ok(Some(ManagedConfig {
+        control_plane,
+        join_token,
+        state_dir: args.state_dir.clone(),
+    }))
+}
+
+fn policy_config(args: &Args, managed: bool) -> Result<Option<PolicyConfig>, ConfigError> {
+    let field = |field: &'static str, why: String| ConfigError::Field { field, why };
+    let source = match &args.policy {
+        Some(path) => PolicySource::Files {
+            path: path.clone(),
+            data: args.data.clone(),
+        },
+        None if managed => PolicySource::ControlPlane,
+        None => {
+            for (given, name) in [
+                (args.data.is_some(), "--data"),
+                (args.dry_run, "--dry-run"),
+                (args.fail_open, "--fail-open"),
+                (args.decision_log.is_some(), "--decision-log"),
+                (args.body_limit.is_some(), "--body-limit"),
+                (args.policy_timeout.is_some(), "--policy-timeout"),
+                (args.policy_engine.is_some(), "--policy-engine"),
+            ] {
+                if given {
+                    return Err(field(
+                        name,
+                        "only means something with --policy (or in managed mode)".into(),
+                    ));
+                }
+            }
+            return Ok(None);
+        }
     };
     let time_limit = humantime::parse_duration(args.policy_timeout.as_deref().unwrap_or("50ms"))
         .map_err(|e| field("--policy-timeout", format!("{e} (use e.g. 50ms)")))?;
@@ -347,12 +545,8 @@ fn policy_config(args: &Args) -> Result<Option<PolicyConfig>, ConfigError> {
         .parse()
         .map_err(|why| field("--policy-engine", why))?;
     Ok(Some(PolicyConfig {
-        source: PolicySource {
-            path: path.clone(),
-            data: args.data.clone(),
-            time_limit,
-            engine,
-        },
+        source,
+        settings: CompileSettings { time_limit, engine },
         enforcement: Enforcement {
             dry_run: args.dry_run,
             fail_open: args.fail_open,
@@ -434,7 +628,7 @@ mod tests {
             ),
             (
                 vec!["--dry-run"],
-                "--dry-run: only means something with --policy",
+                "--dry-run: only means something with --policy (or in managed mode)",
             ),
             (
                 vec!["--policy", "p.rego", "--policy-engine", "vm"],
@@ -482,7 +676,7 @@ mod tests {
     fn policy_settings_have_safe_defaults() {
         let c = config(&["--policy", "p.rego"]).unwrap();
         let p = c.policy.unwrap();
-        assert_eq!(p.source.time_limit, Duration::from_millis(50));
+        assert_eq!(p.settings.time_limit, Duration::from_millis(50));
         assert_eq!(p.enforcement.body_limit, 1 << 20);
         assert!(!p.enforcement.dry_run && !p.enforcement.fail_open);
         assert_eq!(parse_size("512KiB"), Ok(512 * 1024));

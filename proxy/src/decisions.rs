@@ -1,5 +1,6 @@
-//! Decision records (one per call) and the standalone JSON-lines decision log. Records are queued
-//! to a writer thread, so the request path never waits on the disk.
+//! The standalone JSON-lines decision log. Records (`mandate_wire::DecisionRecord`, the type the
+//! control plane ingests too) are queued to a writer thread, so the request path never waits on the
+//! disk.
 
 use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
@@ -8,77 +9,11 @@ use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use mandate_wire::DecisionRecord;
 use prometheus::IntCounter;
-use serde::Serialize;
 
 /// Records that may wait for the writer before new ones are dropped (and counted).
 const QUEUE: usize = 65_536;
-
-/// One decision, close to OPA's decision-log event where the meaning is the same.
-#[derive(Debug, Clone, Serialize)]
-pub struct DecisionRecord {
-    /// UUIDv7, also sent as `x-mandate-decision-id`.
-    pub decision_id: String,
-    /// RFC 3339, when the decision was taken.
-    pub timestamp: String,
-    /// `outbound` or `inbound`.
-    pub direction: &'static str,
-    /// The caller's SPIFFE ID.
-    pub source: String,
-    /// Where the call went.
-    pub destination: DestinationRecord,
-    /// HTTP method (absent for TCP).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub method: Option<String>,
-    /// HTTP path (absent for TCP).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
-    /// The MCP call decided, if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mcp: Option<McpRecord>,
-    /// The policy's verdict.
-    pub allow: bool,
-    /// False in dry-run: the verdict was logged, not applied.
-    pub enforced: bool,
-    /// Why.
-    pub reason: String,
-    /// The policy version that decided (absent when none was loaded).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub policy_version: Option<String>,
-    /// Policy evaluation time, microseconds.
-    pub eval_us: u64,
-    /// Trace id from `traceparent`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub trace_id: Option<String>,
-    /// Which sidecar decided.
-    pub sidecar: String,
-    /// Status of the response, when there was one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub status: Option<u16>,
-}
-
-/// Destination of a recorded call.
-#[derive(Debug, Clone, Serialize)]
-pub struct DestinationRecord {
-    /// Host as addressed.
-    pub host: String,
-    /// Port.
-    pub port: u16,
-    /// The identity it proved, when meshed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub spiffe_id: Option<String>,
-}
-
-/// MCP part of a recorded call.
-#[derive(Debug, Clone, Serialize)]
-pub struct McpRecord {
-    /// JSON-RPC method.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub method: Option<String>,
-    /// Tool, prompt or resource named.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-}
 
 enum Message {
     Record(Box<DecisionRecord>),
@@ -155,12 +90,13 @@ fn write_loop(rx: Receiver<Message>, mut out: BufWriter<std::fs::File>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mandate_wire::{DestinationRecord, Direction};
 
     fn record(id: &str) -> DecisionRecord {
         DecisionRecord {
             decision_id: id.into(),
             timestamp: "2026-01-01T00:00:00Z".into(),
-            direction: "outbound",
+            direction: Direction::Outbound,
             source: "spiffe://td/agent/a".into(),
             destination: DestinationRecord {
                 host: "tool".into(),
@@ -170,6 +106,7 @@ mod tests {
             method: Some("GET".into()),
             path: Some("/".into()),
             mcp: None,
+            delegation: None,
             allow: true,
             enforced: true,
             reason: "ok".into(),

@@ -1,8 +1,9 @@
-//! The sidecar's identity: SVID, key and trust bundle read from files, validated as one set, turned
-//! into TLS configurations, and swapped atomically when the files change.
+//! The sidecar's identity: SVID, key and trust bundle — read from files (standalone) or issued by
+//! the control plane (managed) — validated as one set, turned into TLS configurations, and swapped
+//! atomically when they change.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use mandate_identity::TrustDomain;
@@ -16,9 +17,10 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 
 use crate::config::IdentityFiles;
 use crate::metrics::Metrics;
+use crate::revocation::Revocations;
 use crate::tls::{self, ALPN_H2, ALPN_HTTP1, ALPN_TCP, SvidResolver};
 
-/// Why a set of identity files cannot be used.
+/// Why an identity (files or issued PEM) cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     /// A file cannot be read.
@@ -29,37 +31,39 @@ pub enum IdentityError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// A file has no usable PEM of the expected kind.
-    #[error("{path}: {why}")]
+    /// A part has no usable PEM of the expected kind.
+    #[error("{origin}: {why}")]
     Pem {
-        /// The file.
-        path: PathBuf,
+        /// The file, or what the control plane sent.
+        origin: String,
         /// What was expected.
         why: String,
     },
     /// The certificate breaks an X.509-SVID rule.
-    #[error("{path}: not a valid X.509-SVID for this trust domain: {source}")]
+    #[error("{origin}: not a valid X.509-SVID for this trust domain: {source}")]
     Svid {
-        /// The certificate file.
-        path: PathBuf,
+        /// The certificate's origin.
+        origin: String,
         /// The rule broken.
         source: SvidError,
     },
     /// The private key does not belong to the certificate.
     #[error("key {key} does not match certificate {cert}: {why}")]
     KeyMismatch {
-        /// Certificate file.
-        cert: PathBuf,
-        /// Key file.
-        key: PathBuf,
+        /// Certificate origin.
+        cert: String,
+        /// Key origin.
+        key: String,
         /// rustls' words.
         why: String,
     },
     /// Outside its validity period.
-    #[error("{path}: certificate is not valid now (valid {not_before}..{not_after} Unix seconds)")]
+    #[error(
+        "{origin}: certificate is not valid now (valid {not_before}..{not_after} Unix seconds)"
+    )]
     Validity {
-        /// Certificate file.
-        path: PathBuf,
+        /// Certificate origin.
+        origin: String,
         /// notBefore.
         not_before: i64,
         /// notAfter.
@@ -68,16 +72,54 @@ pub enum IdentityError {
     /// Our certificate does not chain to our own bundle, so peers would refuse it.
     #[error("{cert} does not chain to the trust bundle {bundle}: {why}")]
     Chain {
-        /// Certificate file.
-        cert: PathBuf,
-        /// Bundle file.
-        bundle: PathBuf,
+        /// Certificate origin.
+        cert: String,
+        /// Bundle origin.
+        bundle: String,
         /// webpki's words.
         why: String,
     },
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+}
+
+/// An identity as PEM text: certificate chain, private key and trust bundle. No `Debug`: it holds
+/// the key.
+#[derive(Clone)]
+pub struct IdentityPem {
+    /// Leaf first, then intermediates.
+    pub cert: String,
+    /// The private key (PKCS#8, SEC1 or PKCS#1). Secret.
+    pub key: String,
+    /// CA certificates peers' SVIDs must chain to.
+    pub bundle: String,
+}
+
+/// What each part is called in errors: its file, or where it came from.
+#[derive(Clone)]
+struct Origins {
+    cert: String,
+    key: String,
+    bundle: String,
+}
+
+impl Origins {
+    fn files(files: &IdentityFiles) -> Self {
+        Self {
+            cert: files.cert.display().to_string(),
+            key: files.key.display().to_string(),
+            bundle: files.bundle.display().to_string(),
+        }
+    }
+
+    fn control_plane() -> Self {
+        Self {
+            cert: "the certificate issued by the control plane".into(),
+            key: "the key generated for it".into(),
+            bundle: "the control plane's trust bundle".into(),
+        }
+    }
 }
 
 /// One consistent identity and the TLS configurations made from it.
@@ -92,75 +134,66 @@ pub struct Identity {
     pub client_h2: Arc<ClientConfig>,
     /// Outbound TLS for opaque TCP.
     pub client_tcp: Arc<ClientConfig>,
-    /// SHA-256 over the three files' bytes: an event that changes nothing is not a reload.
+    /// Our certificate and key as TLS presents them (never once expired).
+    pub resolver: Arc<SvidResolver>,
+    /// The trust bundle's CA certificates.
+    pub roots: Arc<RootCertStore>,
+    pem: IdentityPem,
+    /// SHA-256 over the three parts: an event that changes nothing is not a reload.
     fingerprint: [u8; 32],
 }
 
 impl Identity {
-    /// Reads and validates the files; any failure leaves nothing half-loaded.
-    pub fn load(files: &IdentityFiles, td: &TrustDomain) -> Result<Self, IdentityError> {
-        let raw = RawFiles::read(files)?;
-        Self::from_raw(files, td, raw)
-    }
-
-    fn from_raw(
-        files: &IdentityFiles,
+    /// Validates one set; any failure leaves nothing half-loaded.
+    fn build(
+        origins: &Origins,
         td: &TrustDomain,
-        raw: RawFiles,
+        pem: IdentityPem,
+        revocations: &Arc<Revocations>,
     ) -> Result<Self, IdentityError> {
-        let pem_err = |path: &Path, why: String| IdentityError::Pem {
-            path: path.to_owned(),
+        let pem_err = |origin: &str, why: String| IdentityError::Pem {
+            origin: origin.to_owned(),
             why,
         };
-        let chain = CertificateDer::pem_slice_iter(&raw.cert)
+        let chain = CertificateDer::pem_slice_iter(pem.cert.as_bytes())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| pem_err(&files.cert, format!("bad PEM: {e}")))?;
+            .map_err(|e| pem_err(&origins.cert, format!("bad PEM: {e}")))?;
         let leaf = chain
             .first()
-            .ok_or_else(|| pem_err(&files.cert, "no CERTIFICATE block".into()))?;
+            .ok_or_else(|| pem_err(&origins.cert, "no CERTIFICATE block".into()))?;
         let svid = check_svid(leaf, td).map_err(|source| IdentityError::Svid {
-            path: files.cert.clone(),
+            origin: origins.cert.clone(),
             source,
         })?;
         let now = UnixTime::now();
         if !svid.is_valid_at(now.as_secs() as i64) {
             return Err(IdentityError::Validity {
-                path: files.cert.clone(),
+                origin: origins.cert.clone(),
                 not_before: svid.not_before,
                 not_after: svid.not_after,
             });
         }
 
-        let key = PrivateKeyDer::from_pem_slice(&raw.key).map_err(|e| {
+        let key = PrivateKeyDer::from_pem_slice(pem.key.as_bytes()).map_err(|e| {
             pem_err(
-                &files.key,
+                &origins.key,
                 format!("no usable private key (PKCS#8, SEC1 or PKCS#1 PEM): {e}"),
             )
         })?;
         let signing_key = tls::PROVIDER
             .key_provider
             .load_private_key(key)
-            .map_err(|e| pem_err(&files.key, format!("unsupported private key: {e}")))?;
+            .map_err(|e| pem_err(&origins.key, format!("unsupported private key: {e}")))?;
         let certified = CertifiedKey::new(chain.clone(), signing_key);
         certified
             .keys_match()
             .map_err(|e| IdentityError::KeyMismatch {
-                cert: files.cert.clone(),
-                key: files.key.clone(),
+                cert: origins.cert.clone(),
+                key: origins.key.clone(),
                 why: e.to_string(),
             })?;
 
-        let mut roots = RootCertStore::empty();
-        for ca in CertificateDer::pem_slice_iter(&raw.bundle) {
-            let ca = ca.map_err(|e| pem_err(&files.bundle, format!("bad PEM: {e}")))?;
-            roots
-                .add(ca)
-                .map_err(|e| pem_err(&files.bundle, format!("unusable CA certificate: {e}")))?;
-        }
-        if roots.is_empty() {
-            return Err(pem_err(&files.bundle, "no CERTIFICATE block".into()));
-        }
-        let roots = Arc::new(roots);
+        let roots = Arc::new(parse_roots(&pem.bundle, &origins.bundle)?);
         let parsed = ParsedCertificate::try_from(leaf)?;
         verify_server_cert_signed_by_trust_anchor(
             &parsed,
@@ -170,83 +203,176 @@ impl Identity {
             tls::PROVIDER.signature_verification_algorithms.all,
         )
         .map_err(|e| IdentityError::Chain {
-            cert: files.cert.clone(),
-            bundle: files.bundle.clone(),
+            cert: origins.cert.clone(),
+            bundle: origins.bundle.clone(),
             why: e.to_string(),
         })?;
 
         let resolver = Arc::new(SvidResolver::new(Arc::new(certified), svid.not_after));
-        let client =
-            |alpn| tls::client_config(td, roots.clone(), resolver.clone(), alpn).map(Arc::new);
+        let client = |alpn| {
+            tls::client_config(
+                td,
+                roots.clone(),
+                resolver.clone(),
+                revocations.clone(),
+                alpn,
+            )
+            .map(Arc::new)
+        };
         Ok(Identity {
-            server: Arc::new(tls::server_config(td, roots.clone(), resolver.clone())?),
+            server: Arc::new(tls::server_config(
+                td,
+                roots.clone(),
+                resolver.clone(),
+                revocations.clone(),
+            )?),
             client_http1: client(ALPN_HTTP1)?,
             client_h2: client(ALPN_H2)?,
             client_tcp: client(ALPN_TCP)?,
+            fingerprint: fingerprint(&pem),
             svid,
-            fingerprint: raw.fingerprint(),
+            resolver,
+            roots,
+            pem,
         })
+    }
+
+    /// The trust bundle, PEM (what pushed policy bundles are verified against).
+    pub fn bundle_pem(&self) -> &str {
+        &self.pem.bundle
+    }
+
+    /// The whole set as PEM (to persist it; holds the key).
+    pub fn pem(&self) -> &IdentityPem {
+        &self.pem
     }
 }
 
-/// The three files' bytes, read together.
-struct RawFiles {
-    cert: Vec<u8>,
-    key: Vec<u8>,
-    bundle: Vec<u8>,
+/// Parses a PEM trust bundle into roots; `origin` names it in errors.
+pub fn parse_roots(bundle: &str, origin: &str) -> Result<RootCertStore, IdentityError> {
+    let pem_err = |why: String| IdentityError::Pem {
+        origin: origin.to_owned(),
+        why,
+    };
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
+        let ca = ca.map_err(|e| pem_err(format!("bad PEM: {e}")))?;
+        roots
+            .add(ca)
+            .map_err(|e| pem_err(format!("unusable CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(pem_err("no CERTIFICATE block".into()));
+    }
+    Ok(roots)
 }
 
-impl RawFiles {
-    fn read(files: &IdentityFiles) -> Result<Self, IdentityError> {
-        let read = |path: &PathBuf| {
-            std::fs::read(path).map_err(|source| IdentityError::Read {
+fn read_files(files: &IdentityFiles) -> Result<IdentityPem, IdentityError> {
+    let read = |path: &PathBuf| {
+        std::fs::read(path)
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .map_err(|source| IdentityError::Read {
                 path: path.clone(),
                 source,
             })
-        };
-        Ok(Self {
-            cert: read(&files.cert)?,
-            key: read(&files.key)?,
-            bundle: read(&files.bundle)?,
-        })
-    }
+    };
+    Ok(IdentityPem {
+        cert: read(&files.cert)?,
+        key: read(&files.key)?,
+        bundle: read(&files.bundle)?,
+    })
+}
 
-    fn fingerprint(&self) -> [u8; 32] {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        for part in [&self.cert, &self.key, &self.bundle] {
-            ctx.update(&(part.len() as u64).to_be_bytes());
-            ctx.update(part);
-        }
-        ctx.finish()
-            .as_ref()
-            .try_into()
-            .expect("SHA-256 is 32 bytes")
+fn fingerprint(pem: &IdentityPem) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [&pem.cert, &pem.key, &pem.bundle] {
+        ctx.update(&(part.len() as u64).to_be_bytes());
+        ctx.update(part.as_bytes());
     }
+    ctx.finish()
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes")
 }
 
 /// The identity in force; readers take a snapshot, reloads swap it without blocking them.
 pub struct IdentityStore {
     current: ArcSwap<Identity>,
-    files: IdentityFiles,
+    /// Standalone: the files it is reloaded from. Managed: none; the control plane installs.
+    files: Option<IdentityFiles>,
     trust_domain: TrustDomain,
     metrics: Arc<Metrics>,
+    revocations: Arc<Revocations>,
+    /// Serialises read-modify-write updates (a renewal and a trust bundle swap), so neither undoes
+    /// the other. Readers never take it.
+    update: Mutex<()>,
 }
 
 impl IdentityStore {
-    /// Loads the initial identity; start-up fails if it is unusable.
+    /// Loads the initial identity from files; start-up fails if it is unusable.
     pub fn load(
         files: IdentityFiles,
         trust_domain: TrustDomain,
         metrics: Arc<Metrics>,
+        revocations: Arc<Revocations>,
     ) -> Result<Self, IdentityError> {
-        let identity = Identity::load(&files, &trust_domain)?;
+        let pem = read_files(&files)?;
+        let identity = Identity::build(&Origins::files(&files), &trust_domain, pem, &revocations)?;
+        Ok(Self::with(
+            identity,
+            Some(files),
+            trust_domain,
+            metrics,
+            revocations,
+        ))
+    }
+
+    /// An identity issued by the control plane (or restored from the state directory), validated
+    /// exactly as files are.
+    pub fn from_pem(
+        pem: IdentityPem,
+        trust_domain: TrustDomain,
+        metrics: Arc<Metrics>,
+        revocations: Arc<Revocations>,
+    ) -> Result<Self, IdentityError> {
+        let identity =
+            Identity::build(&Origins::control_plane(), &trust_domain, pem, &revocations)?;
+        Ok(Self::with(
+            identity,
+            None,
+            trust_domain,
+            metrics,
+            revocations,
+        ))
+    }
+
+    /// Validates a set without installing it (an identity restored from the state directory).
+    pub fn validate(pem: IdentityPem, trust_domain: &TrustDomain) -> Result<Svid, IdentityError> {
+        Identity::build(
+            &Origins::control_plane(),
+            trust_domain,
+            pem,
+            &Arc::new(Revocations::new()),
+        )
+        .map(|identity| identity.svid)
+    }
+
+    fn with(
+        identity: Identity,
+        files: Option<IdentityFiles>,
+        trust_domain: TrustDomain,
+        metrics: Arc<Metrics>,
+        revocations: Arc<Revocations>,
+    ) -> Self {
         metrics.cert_expiry.set(identity.svid.not_after);
-        Ok(Self {
+        Self {
             current: ArcSwap::from_pointee(identity),
             files,
             trust_domain,
             metrics,
-        })
+            revocations,
+            update: Mutex::new(()),
+        }
     }
 
     /// The identity in force now.
@@ -254,27 +380,40 @@ impl IdentityStore {
         self.current.load_full()
     }
 
+    /// Our trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// The registry's inactive workloads, refused by every verifier built from this store.
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
+    }
+
     /// Re-reads the files and swaps in the new identity if it is valid and different.
     /// Returns whether a new identity was applied; a rejected set leaves the current one in force.
+    /// Managed identities have no files: nothing to reload.
     pub fn reload(&self) -> Result<bool, IdentityError> {
-        let result = RawFiles::read(&self.files).and_then(|raw| {
-            if raw.fingerprint() == self.current.load().fingerprint {
+        let Some(files) = &self.files else {
+            return Ok(false);
+        };
+        let _update = self.update.lock().unwrap_or_else(|p| p.into_inner());
+        let result = read_files(files).and_then(|pem| {
+            if fingerprint(&pem) == self.current.load().fingerprint {
                 return Ok(None);
             }
-            Identity::from_raw(&self.files, &self.trust_domain, raw).map(Some)
+            Identity::build(
+                &Origins::files(files),
+                &self.trust_domain,
+                pem,
+                &self.revocations,
+            )
+            .map(Some)
         });
         match result {
             Ok(None) => Ok(false),
             Ok(Some(identity)) => {
-                tracing::info!(
-                    spiffe_id = %identity.svid.id,
-                    serial = %identity.svid.serial,
-                    not_after = identity.svid.not_after,
-                    "identity reloaded"
-                );
-                self.metrics.cert_expiry.set(identity.svid.not_after);
-                self.metrics.identity_reload(true);
-                self.current.store(Arc::new(identity));
+                self.swap(identity, "identity reloaded");
                 Ok(true)
             }
             Err(e) => {
@@ -285,10 +424,67 @@ impl IdentityStore {
         }
     }
 
-    /// Reloads whenever the identity files change.
+    /// Installs a complete new set (an SVID the control plane issued or renewed). A set that fails
+    /// validation leaves the current identity in force.
+    pub fn install(&self, pem: IdentityPem) -> Result<(), IdentityError> {
+        let _update = self.update.lock().unwrap_or_else(|p| p.into_inner());
+        self.build_and_swap(pem, "identity installed")
+    }
+
+    /// Keeps certificate and key, trusts `bundle` from now on. Returns whether it differed.
+    pub fn set_bundle(&self, bundle: &str) -> Result<bool, IdentityError> {
+        let _update = self.update.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.current.load();
+        if current.pem.bundle == bundle {
+            return Ok(false);
+        }
+        let pem = IdentityPem {
+            bundle: bundle.to_owned(),
+            ..current.pem.clone()
+        };
+        drop(current);
+        self.build_and_swap(pem, "trust bundle replaced")
+            .map(|()| true)
+    }
+
+    fn build_and_swap(&self, pem: IdentityPem, what: &str) -> Result<(), IdentityError> {
+        match Identity::build(
+            &Origins::control_plane(),
+            &self.trust_domain,
+            pem,
+            &self.revocations,
+        ) {
+            Ok(identity) => {
+                self.swap(identity, what);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "{what}: rejected; keeping the current identity");
+                self.metrics.identity_reload(false);
+                Err(e)
+            }
+        }
+    }
+
+    fn swap(&self, identity: Identity, what: &str) {
+        tracing::info!(
+            spiffe_id = %identity.svid.id,
+            serial = %identity.svid.serial,
+            not_after = identity.svid.not_after,
+            "{what}"
+        );
+        self.metrics.cert_expiry.set(identity.svid.not_after);
+        self.metrics.identity_reload(true);
+        self.current.store(Arc::new(identity));
+    }
+
+    /// Reloads whenever the identity files change (standalone only).
     pub fn watch(self: &Arc<Self>) -> notify::Result<()> {
+        let Some(files) = &self.files else {
+            return Ok(());
+        };
         let store = self.clone();
-        let files = [&self.files.cert, &self.files.key, &self.files.bundle];
+        let files = [&files.cert, &files.key, &files.bundle];
         crate::watch::on_change(&files.map(PathBuf::as_path), move || {
             let _ = store.reload();
         })
@@ -346,7 +542,13 @@ mod tests {
     }
 
     fn store(f: &Files) -> IdentityStore {
-        IdentityStore::load(f.files.clone(), td(), Arc::new(Metrics::new())).unwrap()
+        IdentityStore::load(
+            f.files.clone(),
+            td(),
+            Arc::new(Metrics::new()),
+            Arc::new(Revocations::new()),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -410,6 +612,7 @@ mod tests {
             f.files.clone(),
             "other.org".parse().unwrap(),
             Arc::new(Metrics::new()),
+            Arc::new(Revocations::new()),
         )
         .err()
         .unwrap();

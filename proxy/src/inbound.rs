@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{HeaderName, HeaderValue};
+use http::request::Parts;
 use http::uri::Authority;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Either;
@@ -105,9 +106,23 @@ impl Inbound {
         };
         let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
         tracing::debug!(peer = %peer_addr, spiffe_id = %svid.id, "inbound connection");
+        // Closed as soon as the registry marks the peer suspended or revoked.
+        let tracked = self
+            .identity
+            .revocations()
+            .track(Arc::from(svid.id.as_str()));
+        let revoked = tracked.token().clone();
+        let peer_id = svid.id.clone();
+        let closed = async move {
+            revoked.cancelled().await;
+            tracing::warn!(peer = %peer_addr, spiffe_id = %peer_id, "closing an inbound connection: the peer is no longer active in the registry");
+        };
 
         if alpn.as_deref() == Some(ALPN_TCP) {
-            self.relay_tcp(tls, peer_addr, &svid.id).await;
+            tokio::select! {
+                () = self.relay_tcp(tls, peer_addr, &svid.id) => {}
+                () = closed => {}
+            }
             return;
         }
         let stamp = Arc::new(PeerStamp {
@@ -122,11 +137,15 @@ impl Inbound {
             HttpProtocol::Http1
         };
         let cancel = self.cancel.clone();
-        serve_http(tls, protocol, cancel, move |req| {
+        let serve = serve_http(tls, protocol, cancel, move |req| {
             let (this, stamp) = (self.clone(), stamp.clone());
             async move { Ok::<_, Infallible>(this.handle(req, &stamp).await) }
-        })
-        .await;
+        });
+        // Dropping the connection future on revocation closes it at once, in-flight requests too.
+        tokio::select! {
+            () = serve => {}
+            () = closed => {}
+        }
     }
 
     async fn handle(&self, req: Request<Incoming>, stamp: &PeerStamp) -> Response<ProxyBody> {
@@ -160,6 +179,9 @@ impl Inbound {
             .unwrap_or_else(|| {
                 Authority::try_from(app_addr.to_string()).expect("socket address is an authority")
             });
+        if let Err(inactive) = self.identity.revocations().check(stamp.id.as_str()) {
+            return self.refuse_inactive(&stamp.id, &authority, &parts, inactive.to_string());
+        }
         let (body, authorized) = match &self.authz {
             None => (Either::Left(body), None),
             Some(authz) => {
@@ -210,6 +232,34 @@ impl Inbound {
             authz.finish(authorized, &mut resp);
         }
         resp
+    }
+
+    /// 403 for a call from a peer the registry marks inactive (one whose connection predates the
+    /// update and is being closed); recorded when decisions are kept.
+    fn refuse_inactive(
+        &self,
+        peer: &SpiffeId,
+        authority: &Authority,
+        parts: &Parts,
+        reason: String,
+    ) -> Response<ProxyBody> {
+        tracing::info!(peer = %peer, %reason, "inbound call refused");
+        let Some(authz) = &self.authz else {
+            return json_response(
+                StatusCode::FORBIDDEN,
+                &json!({"error": "denied", "reason": reason}),
+            );
+        };
+        let ours = self.identity.current();
+        let (host, port) = split_host_port(authority.as_str(), 80)
+            .unwrap_or_else(|_| (ours.svid.id.name().to_owned(), 80));
+        let destination = Destination {
+            host: &host,
+            port,
+            id: Some(&ours.svid.id),
+        };
+        let decision = authz.refuse(Direction::Inbound, peer, destination, Some(parts), reason);
+        crate::authz::denied_response(&decision)
     }
 
     async fn relay_tcp<S>(&self, mut tls: S, peer_addr: SocketAddr, peer: &SpiffeId)

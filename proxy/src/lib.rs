@@ -1,6 +1,7 @@
 //! `mandate-proxy`: the Mandate sidecar. It terminates and originates mTLS with SPIFFE identities,
 //! evaluates Rego policy on every call, stamps the caller's verified identity for the app, and
-//! refuses destinations outside the mesh.
+//! refuses destinations outside the mesh. Standalone it takes identity and policy from files;
+//! managed (`--control-plane`) it takes identity, policy and registry from `mandate serve`.
 
 pub mod admin;
 pub mod authz;
@@ -15,52 +16,47 @@ pub mod metrics;
 pub mod outbound;
 pub mod policy;
 pub mod relay;
+pub mod revocation;
 pub mod routes;
 pub mod server;
+pub mod sync;
 pub mod tls;
 pub mod upstream;
 pub mod watch;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
-use crate::authz::Authorizer;
-use crate::config::{Config, PolicyConfig};
+use crate::authz::{Authorizer, Recorders};
+use crate::config::{Config, ManagedConfig, Mode, PolicyConfig};
 use crate::decisions::DecisionLog;
 use crate::identity::IdentityStore;
 use crate::inbound::Inbound;
 use crate::metrics::Metrics;
 use crate::outbound::Outbound;
 use crate::policy::PolicyStore;
+use crate::revocation::Revocations;
 use crate::routes::RouteProtocol;
 use crate::server::{accept_loop, bind};
+use crate::sync::apply::Applier;
+use crate::sync::client::ControlPlaneClient;
+use crate::sync::report::DecisionQueue;
+use crate::sync::state::StateDir;
+use crate::sync::{ControlPlane, Timing};
+
+/// How long shutdown waits for the control plane to take the last decision records.
+const DECISION_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs the sidecar until SIGTERM or SIGINT, then drains within the configured grace period.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let identity = Arc::new(
-        IdentityStore::load(
-            config.identity_files.clone(),
-            config.trust_domain.clone(),
-            metrics.clone(),
-        )
-        .context("loading identity")?,
-    );
-    identity.watch().context("watching the identity files")?;
-    let authz = match &config.policy {
-        Some(policy) => Some(Arc::new(authorizer(policy, &metrics)?)),
-        None => {
-            tracing::warn!(
-                "no --policy: routes alone decide; give --policy to evaluate Rego on every call"
-            );
-            None
-        }
-    };
+    let revocations = Arc::new(Revocations::new());
 
     // Bind everything before serving anything, so a taken port fails start-up cleanly.
     let outbound_listener = bind(config.outbound, "--outbound").await?;
@@ -75,6 +71,57 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         if let Some(listen) = route.listen {
             tcp_listeners.push((bind(listen, "--route listen=").await?, route.clone()));
         }
+    }
+
+    let (identity, managed) = match &config.mode {
+        Mode::Standalone(files) => {
+            let identity = Arc::new(
+                IdentityStore::load(
+                    files.clone(),
+                    config.trust_domain.clone(),
+                    metrics.clone(),
+                    revocations,
+                )
+                .context("loading identity")?,
+            );
+            identity.watch().context("watching the identity files")?;
+            (identity, None)
+        }
+        Mode::Managed(managed) => {
+            let started = tokio::select! {
+                started = start_managed(managed, &config, &metrics, revocations) => started?,
+                () = shutdown_signal() => return Ok(()),
+            };
+            (started.0.identity.clone(), Some(started))
+        }
+    };
+    let authz = match &config.policy {
+        Some(policy) => Some(Arc::new(authorizer(
+            policy,
+            &metrics,
+            managed.as_ref().map(|(cp, _)| cp),
+        )?)),
+        None => {
+            tracing::warn!(
+                "no --policy: routes alone decide; give --policy to evaluate Rego on every call"
+            );
+            None
+        }
+    };
+    let sync_cancel = CancellationToken::new();
+    if let (Some((cp, renew_now)), Some(authz)) = (&managed, &authz) {
+        let applier = Arc::new(Applier::new(
+            identity.clone(),
+            authz.policy().clone(),
+            metrics.clone(),
+            cp.state.clone(),
+        ));
+        tokio::spawn(sync::svid::renew_loop(
+            cp.clone(),
+            *renew_now,
+            sync_cancel.clone(),
+        ));
+        tokio::spawn(sync::stream::run(cp.clone(), applier, sync_cancel.clone()));
     }
 
     let cancel = CancellationToken::new();
@@ -160,15 +207,56 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!("drained");
     }
     if let Some(authz) = &authz {
-        authz.flush();
+        authz.flush(DECISION_FLUSH_TIMEOUT).await;
     }
+    sync_cancel.cancel();
     Ok(())
 }
 
+/// Managed mode start-up: our identity (restored, or by enrolment) and the shared state of the
+/// control plane tasks. Returns whether the identity should be renewed at once (it was restored).
+async fn start_managed(
+    managed: &ManagedConfig,
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    revocations: Arc<Revocations>,
+) -> anyhow::Result<(Arc<ControlPlane>, bool)> {
+    let client =
+        ControlPlaneClient::new(managed.control_plane.clone(), config.trust_domain.clone())?;
+    let state = managed.state_dir.clone().map(StateDir::new);
+    let timing = Timing::default();
+    let (identity, renew_now) = sync::svid::obtain(
+        &client,
+        managed.join_token.as_ref(),
+        state.as_ref(),
+        &config.trust_domain,
+        metrics.clone(),
+        revocations,
+        &timing,
+    )
+    .await?;
+    let cp = Arc::new(ControlPlane {
+        client,
+        identity,
+        metrics: metrics.clone(),
+        state,
+        timing,
+    });
+    Ok((cp, renew_now))
+}
+
 /// Loads the policy (a broken one leaves the sidecar running, denying and not ready), watches it,
-/// and opens the decision log.
-fn authorizer(policy: &PolicyConfig, metrics: &Arc<Metrics>) -> anyhow::Result<Authorizer> {
-    let store = Arc::new(PolicyStore::load(policy.source.clone(), metrics.clone()));
+/// and opens the decision log and (managed) the queue to the control plane.
+fn authorizer(
+    policy: &PolicyConfig,
+    metrics: &Arc<Metrics>,
+    control_plane: Option<&Arc<ControlPlane>>,
+) -> anyhow::Result<Authorizer> {
+    let store = Arc::new(PolicyStore::load(
+        policy.source.clone(),
+        policy.settings,
+        metrics.clone(),
+    ));
     store.watch().context("watching the policy files")?;
     let log = match &policy.decision_log {
         Some(path) => Some(
@@ -177,9 +265,10 @@ fn authorizer(policy: &PolicyConfig, metrics: &Arc<Metrics>) -> anyhow::Result<A
         ),
         None => None,
     };
+    let control_plane = control_plane.map(|cp| DecisionQueue::start(cp.clone()));
     Ok(Authorizer::new(
         store,
-        log,
+        Recorders { log, control_plane },
         metrics.clone(),
         policy.enforcement,
     ))

@@ -5,24 +5,9 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-/// Which side of the sidecar a metric describes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// The agent's calls out.
-    Outbound,
-    /// Calls from other sidecars in.
-    Inbound,
-}
-
-impl Direction {
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Outbound => "outbound",
-            Self::Inbound => "inbound",
-        }
-    }
-}
+/// Which side of the sidecar a metric (or a decision record) describes: one type shared with the
+/// control plane's records.
+pub use mandate_wire::Direction;
 
 /// Per-direction handles resolved once, so the hot path does no label lookup for them.
 #[derive(Clone)]
@@ -51,8 +36,16 @@ pub struct Metrics {
     policy_info: IntGaugeVec,
     policy_load_errors: IntCounter,
     policy_engine_divergences: IntCounter,
-    /// Decision records that could not be queued for the decision log (must stay 0).
+    /// Decision records that could not be queued for the decision log or the control plane (must stay 0).
     pub decisions_dropped: IntCounter,
+    /// Decision records the control plane acknowledged.
+    pub decisions_sent: IntCounter,
+    /// 1 while the push stream from the control plane is open.
+    pub control_plane_connected: IntGauge,
+    /// Push streams re-opened after breaking or falling silent.
+    pub stream_reconnects: IntCounter,
+    /// Pushed policy bundles refused (bad signature or digest, unusable data, compile error).
+    pub bundle_rejects: IntCounter,
 }
 
 impl Metrics {
@@ -158,7 +151,27 @@ impl Metrics {
         .expect("valid metric");
         let decisions_dropped = IntCounter::new(
             "mandate_decisions_dropped_total",
-            "Decision records that could not be queued for the decision log.",
+            "Decision records that could not be queued for the decision log or the control plane.",
+        )
+        .expect("valid metric");
+        let decisions_sent = IntCounter::new(
+            "mandate_decisions_sent_total",
+            "Decision records delivered to the control plane (managed mode).",
+        )
+        .expect("valid metric");
+        let control_plane_connected = IntGauge::new(
+            "mandate_control_plane_connected",
+            "1 while the push stream from the control plane is open, else 0 (managed mode).",
+        )
+        .expect("valid metric");
+        let stream_reconnects = IntCounter::new(
+            "mandate_control_plane_stream_reconnects_total",
+            "Push streams re-opened after breaking or hearing nothing for 30 s (managed mode).",
+        )
+        .expect("valid metric");
+        let bundle_rejects = IntCounter::new(
+            "mandate_policy_bundle_rejects_total",
+            "Pushed policy bundles refused: bad signature or digest, unusable data, or a compile error.",
         )
         .expect("valid metric");
         for c in [
@@ -174,6 +187,10 @@ impl Metrics {
             Box::new(policy_load_errors.clone()),
             Box::new(policy_engine_divergences.clone()),
             Box::new(decisions_dropped.clone()),
+            Box::new(decisions_sent.clone()),
+            Box::new(control_plane_connected.clone()),
+            Box::new(stream_reconnects.clone()),
+            Box::new(bundle_rejects.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -199,6 +216,10 @@ impl Metrics {
             policy_load_errors,
             policy_engine_divergences,
             decisions_dropped,
+            decisions_sent,
+            control_plane_connected,
+            stream_reconnects,
+            bundle_rejects,
         }
     }
 

@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::authz::{Authorizer, DECISION_ID};
+use crate::authz::{Authorizer, DECISION_ID, Decision};
 use crate::headers::{ProxyBody, json_response, strip_identity_headers};
 use crate::identity::IdentityStore;
 use crate::input::Destination;
@@ -57,9 +57,27 @@ impl Outbound {
         }
     }
 
+    /// Tracks a connection of our own agent: cancelled when the registry marks our workload inactive.
+    fn track_own(&self) -> crate::revocation::ConnectionGuard {
+        let own = self.identity.current();
+        self.identity
+            .revocations()
+            .track(Arc::from(own.svid.id.as_str()))
+    }
+
     /// Handles one connection to the outbound listener.
     pub async fn serve_connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let _open = ConnectionGuard::new(&self.metrics.outbound.open_connections);
+        let own = self.track_own();
+        tokio::select! {
+            () = self.clone().serve_agent(tcp, peer) => {}
+            () = own.token().cancelled() => {
+                tracing::warn!(%peer, "closing the agent's connection: our own workload is no longer active in the registry");
+            }
+        }
+    }
+
+    async fn serve_agent(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let pinned = match redirected_destination(&tcp) {
             None => None,
             Some(dst) => match self.routes.find_by_ip(dst) {
@@ -85,7 +103,13 @@ impl Outbound {
     /// Serves a connection accepted on a TCP route's `listen=` address.
     pub async fn serve_route_listener(self: Arc<Self>, tcp: TcpStream, route: Arc<Route>) {
         let _open = ConnectionGuard::new(&self.metrics.outbound.open_connections);
-        self.tunnel(tcp, &route).await
+        let own = self.track_own();
+        tokio::select! {
+            () = self.tunnel(tcp, &route) => {}
+            () = own.token().cancelled() => {
+                tracing::warn!(route = %route.authority(), "closing a TCP route connection: our own workload is no longer active in the registry");
+            }
+        }
     }
 
     /// Tunnels a plain TCP connection to a TCP route over mTLS, if policy allows.
@@ -95,7 +119,14 @@ impl Outbound {
         }
         let config = self.identity.current().client_tcp.clone();
         match connect_mesh(route, config, &self.metrics).await {
-            Ok(mut upstream) => splice(&mut client, &mut upstream).await,
+            Ok(mut upstream) => {
+                let own = self.track_own();
+                let peer = self
+                    .identity
+                    .revocations()
+                    .track(Arc::from(route.id.as_str()));
+                splice_until(&mut client, &mut upstream, [own.token(), peer.token()]).await
+            }
             Err(e) => {
                 tracing::warn!(route = %route.authority(), error = %e, "TCP route unavailable; closing the client connection")
             }
@@ -140,6 +171,13 @@ impl Outbound {
         };
         if parts.method == Method::CONNECT {
             return self.connect(Request::from_parts(parts, body), &route).await;
+        }
+        if let Some(reason) = self.inactive(&route) {
+            return crate::authz::denied_response(&self.refuse_inactive(
+                Some(&parts),
+                &route,
+                reason,
+            ));
         }
         if route.protocol == RouteProtocol::Tcp {
             return json_response(
@@ -212,7 +250,13 @@ impl Outbound {
             port,
             id: None,
         };
-        let decision = authz.refuse_unrouted(&identity.svid.id, destination, parts, reason);
+        let decision = authz.refuse(
+            Direction::Outbound,
+            &identity.svid.id,
+            destination,
+            Some(parts),
+            reason,
+        );
         body["decision_id"] = json!(decision.id.to_string());
         let mut resp = json_response(StatusCode::FORBIDDEN, &body);
         resp.headers_mut()
@@ -220,8 +264,42 @@ impl Outbound {
         resp
     }
 
-    /// Whether policy lets this sidecar open a TCP stream to `route` (always, without a policy).
-    fn tcp_allowed(&self, route: &Route) -> Result<(), crate::authz::Decision> {
+    /// Why the registry forbids this call before policy is asked: our own workload, or the
+    /// destination, is suspended or revoked.
+    fn inactive(&self, route: &Route) -> Option<String> {
+        let revocations = self.identity.revocations();
+        let own = self.identity.current();
+        revocations
+            .check(own.svid.id.as_str())
+            .and_then(|()| revocations.check(route.id.as_str()))
+            .err()
+            .map(|inactive| inactive.to_string())
+    }
+
+    /// Refuses (and records, when decisions are kept) a call the registry forbids.
+    fn refuse_inactive(&self, parts: Option<&Parts>, route: &Route, reason: String) -> Decision {
+        tracing::info!(route = %route.authority(), %reason, "outbound call refused");
+        match &self.authz {
+            Some(authz) => {
+                let own = self.identity.current();
+                authz.refuse(
+                    Direction::Outbound,
+                    &own.svid.id,
+                    route.destination(),
+                    parts,
+                    reason,
+                )
+            }
+            None => Decision::refusal(reason),
+        }
+    }
+
+    /// Whether the registry and policy let this sidecar open a TCP stream to `route` (the registry
+    /// alone decides without a policy).
+    fn tcp_allowed(&self, route: &Route) -> Result<(), Decision> {
+        if let Some(reason) = self.inactive(route) {
+            return Err(self.refuse_inactive(None, route, reason));
+        }
         let Some(authz) = &self.authz else {
             return Ok(());
         };
@@ -243,9 +321,18 @@ impl Outbound {
         let config = self.identity.current().client_tcp.clone();
         match connect_mesh(route, config, &self.metrics).await {
             Ok(mut upstream) => {
+                // The tunnel outlives this request's connection task: it watches both ends itself.
+                let own = self.track_own();
+                let peer = self
+                    .identity
+                    .revocations()
+                    .track(Arc::from(route.id.as_str()));
                 tokio::spawn(async move {
                     match hyper::upgrade::on(req).await {
-                        Ok(upgraded) => splice(&mut TokioIo::new(upgraded), &mut upstream).await,
+                        Ok(upgraded) => {
+                            let cut = [own.token(), peer.token()];
+                            splice_until(&mut TokioIo::new(upgraded), &mut upstream, cut).await
+                        }
                         Err(e) => {
                             tracing::debug!(error = %e, "CONNECT client went away before the tunnel opened")
                         }
@@ -262,13 +349,25 @@ impl Outbound {
     }
 }
 
-async fn splice<A, B>(a: &mut A, b: &mut B)
+/// Copies both ways until either side closes, or until a workload at one end becomes inactive
+/// (`[ours, the peer's]` tokens).
+async fn splice_until<A, B>(a: &mut A, b: &mut B, cut: [&CancellationToken; 2])
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    if let Err(e) = tokio::io::copy_bidirectional(a, b).await {
-        tracing::debug!(error = %e, "tunnel ended with an error");
+    tokio::select! {
+        result = tokio::io::copy_bidirectional(a, b) => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "tunnel ended with an error");
+            }
+        }
+        () = cut[0].cancelled() => {
+            tracing::warn!("closing a tunnel: our own workload is no longer active in the registry");
+        }
+        () = cut[1].cancelled() => {
+            tracing::warn!("closing a tunnel: a workload at one end is no longer active in the registry");
+        }
     }
 }
 

@@ -1,7 +1,9 @@
-//! The policy in force: Rego modules and JSON data read from files, compiled once per version,
-//! swapped atomically on change. A policy that fails to compile is rejected with the compiler's
-//! message and the previous one stays in force.
+//! The policy in force: Rego modules and JSON data — read from files (standalone) or pushed by the
+//! control plane as signed bundles (managed) — compiled once per version and swapped atomically. A
+//! policy that fails to compile is rejected with the compiler's message and the previous one stays
+//! in force. Both sources share one compile/swap/version path.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,11 +18,22 @@ use crate::metrics::Metrics;
 
 /// Where the policy comes from.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct PolicySource {
-    /// A `.rego` file or a directory of them.
-    pub path: PathBuf,
-    /// Optional JSON data document (becomes `data`).
-    pub data: Option<PathBuf>,
+#[serde(tag = "from", rename_all = "snake_case")]
+pub enum PolicySource {
+    /// Rego files and an optional data file, watched and reloaded.
+    Files {
+        /// A `.rego` file or a directory of them.
+        path: PathBuf,
+        /// Optional JSON data document (becomes `data`).
+        data: Option<PathBuf>,
+    },
+    /// Signed bundles pushed by the control plane (managed mode).
+    ControlPlane,
+}
+
+/// How every policy version is compiled and evaluated, whatever its source.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct CompileSettings {
     /// Evaluation time limit.
     #[serde(with = "humantime_serde_compat")]
     pub time_limit: Duration,
@@ -43,9 +56,17 @@ pub struct LoadedPolicy {
     /// The compiled policy.
     pub policy: Policy,
     data: Value,
+    /// The version recorded with decisions: the content hash for files, the bundle version
+    /// (decimal) for pushed bundles.
+    version: String,
 }
 
 impl LoadedPolicy {
+    /// The version recorded with every decision this policy takes.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
     /// The registry entry of a workload: `data.registry.<agents|services>.<name>`, or null.
     pub fn registry_entry(&self, kind: &str, name: &str) -> Value {
         let collection = match kind {
@@ -63,23 +84,28 @@ impl LoadedPolicy {
 /// The policy in force, if any has loaded.
 pub struct PolicyStore {
     current: ArcSwapOption<LoadedPolicy>,
-    /// Content hash of the sources last compiled, good or bad: an event that changes nothing
-    /// (a neighbouring file, a touch) neither recompiles nor repeats an error.
-    last_attempt: Mutex<Option<String>>,
+    /// Version label and content hash last compiled, good or bad: an event that changes nothing
+    /// (a neighbouring file, a touch, a re-sent bundle) neither recompiles nor repeats an error.
+    last_attempt: Mutex<Option<(String, String)>>,
     source: PolicySource,
+    settings: CompileSettings,
     metrics: Arc<Metrics>,
 }
 
 impl PolicyStore {
     /// Loads the policy; a failure is logged and leaves the store empty (everything denied, not ready).
-    pub fn load(source: PolicySource, metrics: Arc<Metrics>) -> Self {
+    /// A `ControlPlane` source starts empty and is filled by [`PolicyStore::install_bundle`].
+    pub fn load(source: PolicySource, settings: CompileSettings, metrics: Arc<Metrics>) -> Self {
         let store = Self {
             current: ArcSwapOption::empty(),
             last_attempt: Mutex::new(None),
             source,
+            settings,
             metrics,
         };
-        let _ = store.reload();
+        if matches!(store.source, PolicySource::Files { .. }) {
+            let _ = store.reload();
+        }
         store
     }
 
@@ -88,92 +114,164 @@ impl PolicyStore {
         self.current.load_full()
     }
 
-    /// Re-reads and recompiles; on failure the current policy stays in force.
+    /// Why there is no policy, for denials and `/readyz`.
+    pub fn missing_reason(&self) -> &'static str {
+        match self.source {
+            PolicySource::Files { .. } => "no policy is loaded",
+            PolicySource::ControlPlane => "no policy from the control plane yet",
+        }
+    }
+
+    /// Re-reads and recompiles the files; on failure the current policy stays in force.
+    /// A no-op for pushed policies.
     pub fn reload(&self) -> Result<(), PolicyError> {
+        let PolicySource::Files { path, data } = &self.source else {
+            return Ok(());
+        };
+        let sources = read_sources(path, data.as_ref());
+        match sources {
+            Ok((modules, data)) => {
+                let label = version_of(&modules, &data);
+                self.activate(label, modules, data)
+            }
+            Err(e) => Err(self.rejected(e)),
+        }
+    }
+
+    /// Compiles and activates a verified bundle's modules with `data` (the bundle's data with the
+    /// current registry in it). Decisions then record `version` as their policy version. On
+    /// failure the current policy stays in force.
+    pub fn install_bundle(
+        &self,
+        version: u64,
+        modules: &BTreeMap<String, String>,
+        data: serde_json::Value,
+    ) -> Result<(), PolicyError> {
+        let data: Value = serde_json::from_value(data).map_err(|e| {
+            self.rejected(PolicyError::Data {
+                path: PathBuf::from(format!("bundle {version}")),
+                why: e.to_string(),
+            })
+        })?;
+        let modules = modules
+            .iter()
+            .map(|(name, text)| Module {
+                path: name.clone(),
+                text: text.clone(),
+            })
+            .collect();
+        self.activate(version.to_string(), modules, data)
+    }
+
+    /// The one compile-and-swap path of both sources.
+    fn activate(
+        &self,
+        label: String,
+        modules: Vec<Module>,
+        data: Value,
+    ) -> Result<(), PolicyError> {
+        let content = version_of(&modules, &data);
+        {
+            let mut last = self.last_attempt.lock().unwrap_or_else(|p| p.into_inner());
+            if last.as_ref() == Some(&(label.clone(), content.clone())) {
+                return Ok(());
+            }
+            *last = Some((label.clone(), content.clone()));
+        }
+        let loaded = match self.compile(label, modules, data) {
+            Ok(loaded) => loaded,
+            Err(e) => return Err(self.rejected(e)),
+        };
+        let unchanged = self.current.load().as_ref().is_some_and(|c| {
+            c.version == loaded.version && c.policy.version() == loaded.policy.version()
+        });
+        if !unchanged {
+            let version = loaded.version.clone();
+            let engine = loaded.policy.engine().as_str();
+            if let Some(note) = loaded.policy.engine_note() {
+                tracing::warn!(%version, "{note}");
+            }
+            match &self.source {
+                PolicySource::Files { path, .. } => {
+                    tracing::info!(%version, engine, path = %path.display(), "policy loaded")
+                }
+                PolicySource::ControlPlane => tracing::info!(
+                    %version,
+                    engine,
+                    content = loaded.policy.version(),
+                    "policy bundle {version} active"
+                ),
+            }
+            self.metrics.policy_loaded(&version, engine);
+            self.current.store(Some(Arc::new(loaded)));
+        }
+        Ok(())
+    }
+
+    /// Logs and counts a rejected policy; returns the error for the caller.
+    fn rejected(&self, e: PolicyError) -> PolicyError {
+        let keeping = self.current.load().as_ref().map_or_else(
+            || format!("{}: every call is denied", self.missing_reason()),
+            |c| format!("keeping policy version {}", c.version),
+        );
+        tracing::error!(error = %e, "policy rejected; {keeping}");
+        self.metrics.policy_load_error();
+        e
+    }
+
+    fn compile(
+        &self,
+        label: String,
+        modules: Vec<Module>,
+        data: Value,
+    ) -> Result<LoadedPolicy, PolicyError> {
         let metrics = self.metrics.clone();
+        let hook_label = label.clone();
         let on_divergence: DivergenceHook = Arc::new(move |d: &Divergence| {
             tracing::error!(
-                version = %d.version,
+                version = %hook_label,
                 vm = %d.vm,
                 interpreter = %d.interpreter,
                 "the policy VM disagreed with the interpreter on a sampled decision; this policy now runs on the interpreter"
             );
-            metrics.policy_engine_divergence(&d.version);
+            metrics.policy_engine_divergence(&hook_label);
         });
-        let loaded = read_sources(&self.source).and_then(|(modules, data)| {
-            let version = version_of(&modules, &data);
-            let mut last = self.last_attempt.lock().unwrap_or_else(|p| p.into_inner());
-            if last.as_deref() == Some(version.as_str()) {
-                return Ok(None);
-            }
-            *last = Some(version);
-            drop(last);
-            compile(&self.source, modules, data, on_divergence).map(Some)
-        });
-        match loaded {
-            Ok(None) => Ok(()),
-            Ok(Some(loaded)) => {
-                let version = loaded.policy.version().to_owned();
-                let unchanged = self
-                    .current
-                    .load()
-                    .as_ref()
-                    .is_some_and(|c| c.policy.version() == version);
-                if !unchanged {
-                    let engine = loaded.policy.engine().as_str();
-                    if let Some(note) = loaded.policy.engine_note() {
-                        tracing::warn!(%version, "{note}");
-                    }
-                    tracing::info!(%version, engine, path = %self.source.path.display(), "policy loaded");
-                    self.metrics.policy_loaded(&version, engine);
-                    self.current.store(Some(Arc::new(loaded)));
-                }
-                Ok(())
-            }
-            Err(e) => {
-                let keeping = self.current.load().as_ref().map_or_else(
-                    || "no policy is loaded: every call is denied".to_owned(),
-                    |c| format!("keeping policy version {}", c.policy.version()),
-                );
-                tracing::error!(error = %e, "policy rejected; {keeping}");
-                self.metrics.policy_load_error();
-                Err(e)
-            }
-        }
+        let policy = Policy::compile_with(
+            &modules,
+            data.clone(),
+            self.settings.time_limit,
+            self.settings.engine,
+            Some(on_divergence),
+        )?;
+        Ok(LoadedPolicy {
+            policy,
+            data,
+            version: label,
+        })
     }
 
-    /// Recompiles whenever the policy files or the data file change.
+    /// Recompiles whenever the policy files or the data file change (files only).
     pub fn watch(self: &Arc<Self>) -> notify::Result<()> {
+        let PolicySource::Files { path, data } = &self.source else {
+            return Ok(());
+        };
         let store = self.clone();
-        let mut paths = vec![self.source.path.as_path()];
-        paths.extend(self.source.data.as_deref());
+        let mut paths = vec![path.as_path()];
+        paths.extend(data.as_deref());
         crate::watch::on_change(&paths, move || {
             let _ = store.reload();
         })
     }
 }
 
-fn read_sources(source: &PolicySource) -> Result<(Vec<Module>, Value), PolicyError> {
-    let modules = read_modules(&source.path)?;
-    let data = match &source.data {
+fn read_sources(
+    path: &std::path::Path,
+    data: Option<&PathBuf>,
+) -> Result<(Vec<Module>, Value), PolicyError> {
+    let modules = read_modules(path)?;
+    let data = match data {
         Some(path) => read_data(path)?,
         None => Value::new_object(),
     };
     Ok((modules, data))
-}
-
-fn compile(
-    source: &PolicySource,
-    modules: Vec<Module>,
-    data: Value,
-    on_divergence: DivergenceHook,
-) -> Result<LoadedPolicy, PolicyError> {
-    let policy = Policy::compile_with(
-        &modules,
-        data.clone(),
-        source.time_limit,
-        source.engine,
-        Some(on_divergence),
-    )?;
-    Ok(LoadedPolicy { policy, data })
 }

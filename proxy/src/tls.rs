@@ -1,6 +1,6 @@
 //! rustls configuration for SPIFFE mTLS: verifiers that enforce the X.509-SVID rules on top of
-//! webpki chain validation, a resolver that never serves an expired SVID, and the classification
-//! of handshake failures into metric reasons.
+//! webpki chain validation and refuse workloads the registry marks inactive, a resolver that never
+//! serves an expired SVID, and the classification of handshake failures into metric reasons.
 
 use std::io;
 use std::sync::{Arc, LazyLock};
@@ -18,6 +18,8 @@ use rustls::{
     RootCertStore, ServerConfig, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use crate::revocation::{Inactive, Revocations};
 
 /// ALPN for HTTP/2 between sidecars.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -38,6 +40,18 @@ fn svid_error(e: SvidError) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
+/// The X.509-SVID rules, then the registry: a suspended or revoked workload's certificate is refused.
+fn check_peer(
+    end_entity: &CertificateDer<'_>,
+    trust_domain: &TrustDomain,
+    revocations: &Revocations,
+) -> Result<(), rustls::Error> {
+    let svid = check_svid(end_entity, trust_domain).map_err(svid_error)?;
+    revocations.check(svid.id.as_str()).map_err(|e| {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+    })
+}
+
 /// Serves our SVID and our SVID only while it is within its validity period.
 #[derive(Debug)]
 pub struct SvidResolver {
@@ -55,7 +69,7 @@ impl SvidResolver {
         if UnixTime::now().as_secs() as i64 > self.not_after {
             tracing::error!(
                 not_after = self.not_after,
-                "our SVID has expired; refusing to present it — replace the --cert/--key files"
+                "our SVID has expired; refusing to present it (renew it: new --cert/--key files, or renewal by the control plane)"
             );
             return None;
         }
@@ -79,11 +93,20 @@ impl ResolvesClientCert for SvidResolver {
     }
 }
 
-/// Inbound: requires a client certificate that chains to the bundle and is an X.509-SVID of our trust domain.
-#[derive(Debug)]
+/// Inbound: requires a client certificate that chains to the bundle and is an X.509-SVID of our
+/// trust domain, of a workload that is not inactive.
 struct SvidClientVerifier {
     trust_domain: TrustDomain,
     chain: Arc<dyn ClientCertVerifier>,
+    revocations: Arc<Revocations>,
+}
+
+impl std::fmt::Debug for SvidClientVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SvidClientVerifier")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClientCertVerifier for SvidClientVerifier {
@@ -97,7 +120,7 @@ impl ClientCertVerifier for SvidClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        check_svid(end_entity, &self.trust_domain).map_err(svid_error)?;
+        check_peer(end_entity, &self.trust_domain, &self.revocations)?;
         self.chain
             .verify_client_cert(end_entity, intermediates, now)
     }
@@ -125,12 +148,21 @@ impl ClientCertVerifier for SvidClientVerifier {
     }
 }
 
-/// Outbound: the server must chain to the bundle and be an X.509-SVID of our trust domain.
-/// Which SPIFFE ID it must be is checked by the caller after the handshake, per route.
-#[derive(Debug)]
+/// Outbound: the server must chain to the bundle and be an X.509-SVID of our trust domain, of a
+/// workload that is not inactive. Which SPIFFE ID it must be is checked by the caller after the
+/// handshake, per route.
 struct SvidServerVerifier {
     trust_domain: TrustDomain,
     roots: Arc<RootCertStore>,
+    revocations: Arc<Revocations>,
+}
+
+impl std::fmt::Debug for SvidServerVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SvidServerVerifier")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ServerCertVerifier for SvidServerVerifier {
@@ -142,7 +174,7 @@ impl ServerCertVerifier for SvidServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        check_svid(end_entity, &self.trust_domain).map_err(svid_error)?;
+        check_peer(end_entity, &self.trust_domain, &self.revocations)?;
         let parsed = ParsedCertificate::try_from(end_entity)?;
         verify_server_cert_signed_by_trust_anchor(
             &parsed,
@@ -182,6 +214,7 @@ pub fn server_config(
     trust_domain: &TrustDomain,
     roots: Arc<RootCertStore>,
     resolver: Arc<SvidResolver>,
+    revocations: Arc<Revocations>,
 ) -> Result<ServerConfig, rustls::Error> {
     let chain = WebPkiClientVerifier::builder_with_provider(roots, PROVIDER.clone())
         .build()
@@ -189,6 +222,7 @@ pub fn server_config(
     let verifier = Arc::new(SvidClientVerifier {
         trust_domain: trust_domain.clone(),
         chain,
+        revocations,
     });
     let mut config = ServerConfig::builder_with_provider(PROVIDER.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -203,11 +237,13 @@ pub fn client_config(
     trust_domain: &TrustDomain,
     roots: Arc<RootCertStore>,
     resolver: Arc<SvidResolver>,
+    revocations: Arc<Revocations>,
     alpn: &[u8],
 ) -> Result<ClientConfig, rustls::Error> {
     let verifier = Arc::new(SvidServerVerifier {
         trust_domain: trust_domain.clone(),
         roots,
+        revocations,
     });
     let mut config = ClientConfig::builder_with_provider(PROVIDER.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -252,6 +288,9 @@ fn certificate_reason(ce: &CertificateError) -> &'static str {
         CertificateError::BadSignature => "bad_signature",
         CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
             "extended_key_usage"
+        }
+        CertificateError::Other(OtherError(e)) if e.downcast_ref::<Inactive>().is_some() => {
+            "revoked"
         }
         CertificateError::Other(OtherError(e)) => e
             .downcast_ref::<SvidError>()

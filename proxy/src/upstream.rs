@@ -21,9 +21,12 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
 use crate::headers::ProxyBody;
 use crate::identity::{Identity, IdentityStore};
 use crate::metrics::{Direction, Metrics};
+use crate::revocation::ConnectionGuard;
 use crate::routes::{Route, RouteTable, split_host_port};
 use crate::tls::{self, ALPN_H2};
 
@@ -139,12 +142,38 @@ impl Route {
     }
 }
 
-/// A TLS stream to a peer sidecar that tells hyper which HTTP version ALPN chose.
-pub struct MeshStream(TlsStream<TcpStream>);
+/// A pooled TLS stream to a peer sidecar that tells hyper which HTTP version ALPN chose, and fails
+/// (so hyper drops it from the pool, in use or idle) once the registry marks the peer inactive.
+pub struct MeshStream {
+    tls: TlsStream<TcpStream>,
+    cut: Pin<Box<WaitForCancellationFutureOwned>>,
+    _tracked: ConnectionGuard,
+}
+
+impl MeshStream {
+    fn new(tls: TlsStream<TcpStream>, tracked: ConnectionGuard) -> Self {
+        Self {
+            tls,
+            cut: Box::pin(tracked.token().clone().cancelled_owned()),
+            _tracked: tracked,
+        }
+    }
+
+    /// Polling the cancellation registers the waker, so hyper's pending read wakes up to fail.
+    fn check_cut(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        match self.cut.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the peer is no longer active in the registry",
+            )),
+            Poll::Pending => Ok(()),
+        }
+    }
+}
 
 impl Connection for MeshStream {
     fn connected(&self) -> Connected {
-        if self.0.get_ref().1.alpn_protocol() == Some(ALPN_H2) {
+        if self.tls.get_ref().1.alpn_protocol() == Some(ALPN_H2) {
             Connected::new().negotiated_h2()
         } else {
             Connected::new()
@@ -158,7 +187,9 @@ impl AsyncRead for MeshStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+        let this = self.get_mut();
+        this.check_cut(cx)?;
+        Pin::new(&mut this.tls).poll_read(cx, buf)
     }
 }
 
@@ -168,23 +199,27 @@ impl AsyncWrite for MeshStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        let this = self.get_mut();
+        this.check_cut(cx)?;
+        Pin::new(&mut this.tls).poll_write(cx, buf)
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        this.check_cut(cx)?;
+        Pin::new(&mut this.tls).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.tls.is_write_vectored()
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        Pin::new(&mut self.get_mut().tls).poll_flush(cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().tls).poll_shutdown(cx)
     }
 }
 
@@ -240,9 +275,12 @@ impl tower_service::Service<Uri> for MeshConnector {
                 HttpVersion::Http1 => identity.client_http1.clone(),
                 HttpVersion::Http2 => identity.client_h2.clone(),
             };
-            connect_mesh(&route, config, &this.metrics)
-                .await
-                .map(|tls| TokioIo::new(MeshStream(tls)))
+            let tls = connect_mesh(&route, config, &this.metrics).await?;
+            let tracked = this
+                .identity
+                .revocations()
+                .track(Arc::from(route.id.as_str()));
+            Ok(TokioIo::new(MeshStream::new(tls, tracked)))
         })
     }
 }

@@ -1,0 +1,122 @@
+//! The state directory (`--state-dir`): key, SVID and trust bundle kept across restarts, so a
+//! restarted sidecar renews with its still-valid SVID instead of needing a fresh join token.
+
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::identity::IdentityPem;
+
+const CERT: &str = "svid.pem";
+const KEY: &str = "svid-key.pem";
+const BUNDLE: &str = "bundle.pem";
+
+/// Why the state directory could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("--state-dir {path}: {source}")]
+pub struct StateError {
+    /// The file or directory.
+    pub path: PathBuf,
+    /// The I/O error.
+    pub source: io::Error,
+}
+
+/// Where managed identity is persisted.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    /// The directory (created on first save).
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The identity saved by an earlier run, if all three files are there. Unreadable files
+    /// count as absent: enrolment then starts afresh.
+    pub fn load(&self) -> Option<IdentityPem> {
+        let read = |name: &str| std::fs::read_to_string(self.dir.join(name)).ok();
+        Some(IdentityPem {
+            cert: read(CERT)?,
+            key: read(KEY)?,
+            bundle: read(BUNDLE)?,
+        })
+    }
+
+    /// Saves the whole identity; the key is written first and readable by us only (0600). Each
+    /// file is replaced atomically, so a crash leaves the old or the new one, never half of one.
+    pub fn save(&self, pem: &IdentityPem) -> Result<(), StateError> {
+        self.ensure_dir()?;
+        self.write(KEY, &pem.key, 0o600)?;
+        self.write(CERT, &pem.cert, 0o644)?;
+        self.write(BUNDLE, &pem.bundle, 0o644)
+    }
+
+    /// Saves a new trust bundle.
+    pub fn save_bundle(&self, bundle: &str) -> Result<(), StateError> {
+        self.ensure_dir()?;
+        self.write(BUNDLE, bundle, 0o644)
+    }
+
+    fn ensure_dir(&self) -> Result<(), StateError> {
+        std::fs::create_dir_all(&self.dir).map_err(|source| StateError {
+            path: self.dir.clone(),
+            source,
+        })
+    }
+
+    fn write(&self, name: &str, text: &str, mode: u32) -> Result<(), StateError> {
+        let path = self.dir.join(name);
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        let err = |source| StateError {
+            path: path.clone(),
+            source,
+        };
+        let _ = std::fs::remove_file(&tmp);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(err)?;
+        file.write_all(text.as_bytes()).map_err(err)?;
+        file.sync_all().map_err(err)?;
+        std::fs::rename(&tmp, &path).map_err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn saved_identity_loads_back_with_a_private_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        assert!(state.load().is_none());
+        let pem = IdentityPem {
+            cert: "CERT".into(),
+            key: "KEY".into(),
+            bundle: "BUNDLE".into(),
+        };
+        state.save(&pem).unwrap();
+        state.save_bundle("BUNDLE2").unwrap();
+        let back = state.load().unwrap();
+        assert_eq!(
+            (back.cert.as_str(), back.key.as_str(), back.bundle.as_str()),
+            ("CERT", "KEY", "BUNDLE2")
+        );
+        let mode = std::fs::metadata(state.path().join(KEY))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
