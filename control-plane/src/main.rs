@@ -1,6 +1,7 @@
 //! `mandate`: the Mandate control plane and the operator's command line.
 
 mod ca_cli;
+mod cli;
 mod demo;
 mod policy_cli;
 
@@ -23,29 +24,19 @@ struct Cli {
 /// Top-level verbs; each owns its own argument struct so new verbs do not disturb old ones.
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Register and manage agents in the control plane's registry.
+    Agent(cli::workload::WorkloadArgs),
+    /// Search the decisions sidecars reported to the control plane.
+    Audit(cli::audit::AuditArgs),
     /// Manage a file-based certificate authority for standalone sidecars.
     #[command(subcommand)]
     Ca(CaCommand),
     /// Run a self-contained demo: a tool and an agent, each behind a sidecar, talking over mTLS.
     Demo(demo::DemoArgs),
-    /// Work with Rego policies.
-    #[command(subcommand)]
-    Policy(PolicyCommand),
-}
-
-/// `mandate policy …`
-#[derive(Debug, Subcommand)]
-enum PolicyCommand {
-    /// Run every test_* rule; each DIR is one policy (its .rego files and an optional data.json).
-    Test(PolicyTestArgs),
-}
-
-/// Arguments of `mandate policy test`.
-#[derive(Debug, Args)]
-struct PolicyTestArgs {
-    /// Policy directories [default: .].
-    #[arg(value_name = "DIR")]
-    dirs: Vec<PathBuf>,
+    /// Work with Rego policies: push bundles to the control plane, list, roll back, test locally.
+    Policy(cli::policy::PolicyArgs),
+    /// Register and manage services (tools, APIs) in the control plane's registry.
+    Service(cli::workload::WorkloadArgs),
 }
 
 /// `mandate ca …`
@@ -135,19 +126,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => demo::run(args).context("demo failed"),
-        Command::Policy(PolicyCommand::Test(args)) => {
-            let dirs = if args.dirs.is_empty() {
-                vec![PathBuf::from(".")]
-            } else {
-                args.dirs
-            };
-            let totals = policy_cli::test(&dirs, &mut std::io::stdout().lock())?;
-            Ok(if totals.failed == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
+        Command::Policy(args) => cli::policy::main(args),
+        Command::Agent(args) => cli::workload::main(cli::workload::Kind::Agent, args),
+        Command::Service(args) => cli::workload::main(cli::workload::Kind::Service, args),
+        Command::Audit(args) => cli::audit::main(args),
     }
 }
 

@@ -1,0 +1,367 @@
+//! `mandate audit query`: the decisions sidecars reported, through `GET /v1/decisions`.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand, ValueEnum};
+use mandate_wire::DecisionRecord;
+use serde::Deserialize;
+use serde_json::Value;
+use time::format_description::well_known::Rfc3339;
+use time::{OffsetDateTime, UtcOffset};
+
+use super::client::{ApiRequest, Client, ServerArgs};
+use super::table::Table;
+
+/// Arguments of `mandate audit`: the server options and a verb.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Where the control plane is.
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: AuditCommand,
+}
+
+/// `mandate audit …`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Search the recorded decisions, newest first.
+    Query(QueryArgs),
+}
+
+/// The verdict to filter on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Verdict {
+    /// Allowed calls.
+    Allow,
+    /// Denied calls.
+    Deny,
+}
+
+/// Arguments of `mandate audit query`.
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    /// Only calls made by this agent (its name or SPIFFE ID).
+    #[arg(long, value_name = "NAME|ID")]
+    pub agent: Option<String>,
+    /// Only calls made on behalf of this person.
+    #[arg(long, value_name = "SUBJECT")]
+    pub subject: Option<String>,
+    /// Only MCP calls of this tool.
+    #[arg(long, value_name = "TOOL")]
+    pub tool: Option<String>,
+    /// Only allowed or only denied calls.
+    #[arg(long, value_enum, value_name = "RESULT")]
+    pub result: Option<Verdict>,
+    /// From this time: RFC 3339, or a duration ago such as 15m, 2h or 7d.
+    #[arg(long, value_name = "TIME|DURATION", value_parser = parse_since)]
+    pub since: Option<String>,
+    /// Until this time (RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = parse_until)]
+    pub until: Option<String>,
+    /// At most N records [default: the server's].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub limit: Option<u32>,
+    /// Print the records as JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `{decisions: [..]}`.
+#[derive(Debug, Deserialize)]
+struct Decisions {
+    decisions: Vec<Value>,
+}
+
+/// Parses `--since`: an RFC 3339 time, or a duration meaning that long before now.
+pub fn parse_since(s: &str) -> Result<String, String> {
+    parse_since_at(s, OffsetDateTime::now_utc())
+}
+
+/// [`parse_since`] with an explicit `now`.
+pub fn parse_since_at(s: &str, now: OffsetDateTime) -> Result<String, String> {
+    if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
+        return utc(t);
+    }
+    let d = s.trim();
+    let d = d
+        .strip_suffix("-ago")
+        .or_else(|| d.strip_suffix(" ago"))
+        .unwrap_or(d);
+    let ago: Duration = humantime::parse_duration(d.trim()).map_err(|_| {
+        format!(
+            "{s:?} is neither an RFC 3339 time (2026-01-31T09:00:00Z) nor a duration such as 15m, 2h or 7d"
+        )
+    })?;
+    let since = time::Duration::try_from(ago)
+        .ok()
+        .and_then(|ago| now.checked_sub(ago))
+        .ok_or_else(|| format!("{s:?} reaches back before any representable time"))?;
+    utc(since.replace_nanosecond(0).unwrap_or(since))
+}
+
+/// Parses `--until`: an RFC 3339 time.
+pub fn parse_until(s: &str) -> Result<String, String> {
+    let t = OffsetDateTime::parse(s, &Rfc3339)
+        .map_err(|e| format!("not an RFC 3339 time such as 2026-01-31T09:00:00Z: {e}"))?;
+    utc(t)
+}
+
+/// The time in UTC, RFC 3339 (`…Z`), as the server compares it.
+fn utc(t: OffsetDateTime) -> Result<String, String> {
+    t.to_offset(UtcOffset::UTC)
+        .format(&Rfc3339)
+        .map_err(|e| format!("cannot format the time: {e}"))
+}
+
+/// The API request for the filters given.
+pub fn request(q: &QueryArgs) -> ApiRequest {
+    let mut req = ApiRequest::get("/v1/decisions");
+    let filters = [
+        ("agent", q.agent.clone()),
+        ("subject", q.subject.clone()),
+        ("tool", q.tool.clone()),
+        (
+            "result",
+            q.result.map(|r| {
+                match r {
+                    Verdict::Allow => "allow",
+                    Verdict::Deny => "deny",
+                }
+                .to_owned()
+            }),
+        ),
+        ("since", q.since.clone()),
+        ("until", q.until.clone()),
+        ("limit", q.limit.map(|l| l.to_string())),
+    ];
+    for (key, value) in filters {
+        if let Some(v) = value {
+            req = req.query(key, v);
+        }
+    }
+    req
+}
+
+/// Runs `mandate audit …`.
+pub fn main(args: AuditArgs) -> anyhow::Result<ExitCode> {
+    let AuditCommand::Query(q) = &args.command;
+    let client = Client::from_args(&args.server)?;
+    super::block_on(async {
+        let answer: Decisions = client.call(&request(q)).await?;
+        let out = &mut std::io::stdout().lock();
+        if q.json {
+            for record in &answer.decisions {
+                writeln!(out, "{}", serde_json::to_string(record)?)?;
+            }
+        } else {
+            let records = answer
+                .decisions
+                .into_iter()
+                .map(serde_json::from_value)
+                .collect::<Result<Vec<DecisionRecord>, _>>()
+                .context("the server's answer holds a record that is not a decision record")?;
+            write!(out, "{}", table(&records))?;
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `spiffe://td/agent/x` → `agent/x`; anything else as it is.
+fn short_id(id: &str) -> &str {
+    id.strip_prefix("spiffe://")
+        .and_then(|rest| rest.split_once('/'))
+        .map_or(id, |(_, path)| path)
+}
+
+/// What was called: `METHOD /path`, `mcp tools/call TOOL`, or `tcp`.
+fn call(r: &DecisionRecord) -> String {
+    if let Some(mcp) = &r.mcp {
+        let parts: Vec<&str> = [mcp.method.as_deref(), mcp.name.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect();
+        return format!("mcp {}", parts.join(" "));
+    }
+    match (&r.method, &r.path) {
+        (Some(m), Some(p)) => format!("{m} {p}"),
+        (Some(m), None) => m.clone(),
+        (None, Some(p)) => p.clone(),
+        (None, None) => "tcp".to_owned(),
+    }
+}
+
+/// `TIME  RESULT  SOURCE  DESTINATION  CALL  REASON  POLICY`.
+pub fn table(records: &[DecisionRecord]) -> String {
+    let mut t = Table::new(&[
+        "TIME",
+        "RESULT",
+        "SOURCE",
+        "DESTINATION",
+        "CALL",
+        "REASON",
+        "POLICY",
+    ]);
+    for r in records {
+        let verdict = if r.allow { "allow" } else { "deny" };
+        t.row([
+            r.timestamp.clone(),
+            if r.enforced {
+                verdict.to_owned()
+            } else {
+                format!("{verdict} (dry-run)")
+            },
+            short_id(&r.source).to_owned(),
+            format!("{}:{}", r.destination.host, r.destination.port),
+            call(r),
+            r.reason.clone(),
+            r.policy_version.clone().unwrap_or_else(|| "-".to_owned()),
+        ]);
+    }
+    t.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct P {
+        #[command(flatten)]
+        q: QueryArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<QueryArgs, clap::Error> {
+        let mut argv = vec!["x"];
+        argv.extend_from_slice(args);
+        P::try_parse_from(argv).map(|p| p.q)
+    }
+
+    fn now() -> OffsetDateTime {
+        OffsetDateTime::parse("2026-03-01T12:00:00.5Z", &Rfc3339).unwrap()
+    }
+
+    #[test]
+    fn since_takes_a_time_or_a_duration_ago() {
+        assert_eq!(
+            parse_since_at("15m", now()).unwrap(),
+            "2026-03-01T11:45:00Z"
+        );
+        assert_eq!(
+            parse_since_at("2h ago", now()).unwrap(),
+            "2026-03-01T10:00:00Z"
+        );
+        assert_eq!(
+            parse_since_at("1d-ago", now()).unwrap(),
+            "2026-02-28T12:00:00Z"
+        );
+        assert_eq!(
+            parse_since_at("2026-03-01T09:00:00+02:00", now()).unwrap(),
+            "2026-03-01T07:00:00Z"
+        );
+        assert_eq!(
+            parse_since_at("2026-03-01T09:00:00.25Z", now()).unwrap(),
+            "2026-03-01T09:00:00.25Z"
+        );
+        let err = parse_since_at("yesterday", now()).unwrap_err();
+        assert!(err.contains("RFC 3339") && err.contains("15m"), "{err}");
+        assert!(parse_since_at("100000000000d", now()).is_err());
+    }
+
+    #[test]
+    fn until_takes_only_a_time() {
+        assert_eq!(
+            parse_until("2026-03-01T09:00:00-01:00").unwrap(),
+            "2026-03-01T10:00:00Z"
+        );
+        assert!(parse_until("15m").is_err());
+    }
+
+    #[test]
+    fn filters_become_query_parameters() {
+        let q = parse(&[
+            "--agent",
+            "research",
+            "--subject",
+            "alice@example.com",
+            "--tool",
+            "search",
+            "--result",
+            "deny",
+            "--since",
+            "2026-03-01T00:00:00Z",
+            "--until",
+            "2026-03-02T00:00:00Z",
+            "--limit",
+            "10",
+        ])
+        .unwrap();
+        let req = request(&q);
+        assert_eq!(req.path, "/v1/decisions");
+        let pairs: Vec<(&str, &str)> = req.query.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(
+            pairs,
+            [
+                ("agent", "research"),
+                ("subject", "alice@example.com"),
+                ("tool", "search"),
+                ("result", "deny"),
+                ("since", "2026-03-01T00:00:00Z"),
+                ("until", "2026-03-02T00:00:00Z"),
+                ("limit", "10"),
+            ]
+        );
+        let q = parse(&["--json"]).unwrap();
+        assert!(q.json && request(&q).query.is_empty());
+    }
+
+    #[test]
+    fn bad_filters_are_refused_before_any_request() {
+        assert!(parse(&["--result", "maybe"]).is_err());
+        assert!(parse(&["--limit", "0"]).is_err());
+        assert!(parse(&["--since", "soon"]).is_err());
+    }
+
+    fn record(extra: Value) -> DecisionRecord {
+        let mut v = serde_json::json!({
+            "decision_id": "0190", "timestamp": "2026-03-01T12:00:00Z", "direction": "outbound",
+            "source": "spiffe://mandate.local/agent/research",
+            "destination": {"host": "tool", "port": 8080}, "allow": false, "enforced": true,
+            "reason": "not in ceiling", "eval_us": 12, "sidecar": "s1"
+        });
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn records_render_with_their_call_and_policy() {
+        let http = record(
+            serde_json::json!({"method": "GET", "path": "/v1/x", "allow": true,
+            "reason": "ok", "policy_version": "3"}),
+        );
+        let mcp = record(serde_json::json!({"method": "POST", "path": "/mcp",
+            "mcp": {"method": "tools/call", "name": "search"}, "enforced": false}));
+        let tcp = record(serde_json::json!({"reason": "db\u{1b}"}));
+        assert_eq!(
+            table(&[http, mcp, tcp]),
+            "TIME                  RESULT          SOURCE          DESTINATION  CALL                   REASON          POLICY\n\
+             2026-03-01T12:00:00Z  allow           agent/research  tool:8080    GET /v1/x              ok              3\n\
+             2026-03-01T12:00:00Z  deny (dry-run)  agent/research  tool:8080    mcp tools/call search  not in ceiling  -\n\
+             2026-03-01T12:00:00Z  deny            agent/research  tool:8080    tcp                    db\\u{1b}        -\n"
+        );
+    }
+
+    #[test]
+    fn short_ids_drop_the_scheme_and_trust_domain() {
+        assert_eq!(short_id("spiffe://td/service/tool"), "service/tool");
+        assert_eq!(short_id("spiffe://td"), "spiffe://td");
+        assert_eq!(short_id("weird"), "weird");
+    }
+}
