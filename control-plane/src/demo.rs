@@ -1,12 +1,14 @@
-//! `mandate demo`: a self-contained tour. It creates a CA and two identities, writes a registry for
-//! the reference policy, starts a sample tool (an MCP server with a small REST API) behind one
-//! `mandate-proxy` sidecar and an agent's sidecar in front of it, both enforcing the policy, makes
-//! the calls an agent would, prints what happened and what the sidecars decided, checks each
-//! outcome, and cleans everything up.
+//! `mandate demo`: a self-contained tour of managed mode. It starts a control plane (`mandate
+//! serve` with embedded SQLite), registers an agent and a tool with the operator CLI, starts a
+//! sample tool (an MCP server with a small REST API) behind one `mandate-proxy` sidecar and an
+//! agent's sidecar in front of it — both enrolling by join token — pushes the reference policy,
+//! makes the calls an agent would, shows what the sidecars decided and what the control plane's
+//! audit log holds, revokes the agent, checks each outcome, and cleans everything up.
 
 mod client;
+mod operator;
+mod process;
 mod sample_tool;
-mod sidecar;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,27 +16,31 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use mandate_identity::{SpiffeId, TrustDomain};
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use serde_json::{Value, json};
 
-use crate::ca_cli::{self, CaCliError};
 use client::{ClientError, Response};
+use operator::{ControlPlane, OperatorError};
+use process::{Process, ProcessError, STOP_TIMEOUT, SidecarSpec, Stopped};
 use sample_tool::{MCP_PATH, SampleTool};
-use sidecar::{STOP_TIMEOUT, Sidecar, SidecarError, SidecarSpec, Stopped};
 
 /// Host and port the agent uses to address the tool; only the agent's sidecar knows where it really is.
 const TOOL_AUTHORITY: &str = "tool:8080";
 /// The agent's name: its SPIFFE ID is `spiffe://mandate.local/agent/research`.
 const AGENT: &str = "research";
-/// How long each sidecar gets to report ready.
+/// The tool's name: its SPIFFE ID is `spiffe://mandate.local/service/tool`.
+const TOOL: &str = "tool";
+/// What the agent may ever do: the tool's `search`, and reads of its REST API.
+const CEILING: &str =
+    r#"[{"host": "tool", "tool": "search"}, {"host": "tool", "method": "GET", "path": "/v1/*"}]"#;
+/// How long each process gets to report ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long the decision logs and counters get to catch up with the responses already received.
-const SETTLE: Duration = Duration::from_secs(3);
+/// How long decision logs, the audit log and counters get to catch up with the responses received.
+const SETTLE: Duration = Duration::from_secs(5);
+/// How soon a revocation must reach the agent's sidecar.
+const REVOCATION: Duration = Duration::from_secs(1);
 /// Number of numbered steps in the transcript.
-const STEPS: usize = 12;
-/// How many of a sidecar's last log lines are printed when something went wrong.
+const STEPS: usize = 15;
+/// How many of a process's last log lines are printed when something went wrong.
 const LOG_TAIL: usize = 60;
 /// The reference policy, as a directory under the repository's `policies/`.
 const REFERENCE_POLICY: &str = "reference";
@@ -45,11 +51,11 @@ pub struct DemoArgs {
     /// The mandate-proxy binary [default: next to this `mandate` executable].
     #[arg(long, value_name = "PATH")]
     proxy_bin: Option<PathBuf>,
-    /// The repository's policies/ directory; the demo runs its reference/ policy
+    /// The repository's policies/ directory; the demo pushes its reference/ policy
     /// [default: ../../policies from this executable, i.e. the checkout's when run from target/debug].
     #[arg(long, value_name = "DIR")]
     policies: Option<PathBuf>,
-    /// Keep the demo directory (CA, SVIDs, registry, decision logs, sidecar logs) instead of removing it.
+    /// Keep the demo directory (control plane data, decision logs, process logs) instead of removing it.
     #[arg(long)]
     keep: bool,
 }
@@ -81,25 +87,6 @@ pub enum DemoError {
     /// Creating the scratch directory failed.
     #[error("cannot create the demo directory: {0}")]
     TempDir(std::io::Error),
-    /// Creating the CA or SVIDs failed.
-    #[error(transparent)]
-    Ca(#[from] CaCliError),
-    /// Reading back an issued certificate failed.
-    #[error("cannot read the certificate {}: {reason}", path.display())]
-    Certificate {
-        /// The certificate file.
-        path: PathBuf,
-        /// What went wrong.
-        reason: String,
-    },
-    /// Writing the policy's data document failed.
-    #[error("cannot write the policy data {}: {source}", path.display())]
-    Data {
-        /// The data file.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
     /// Starting the tokio runtime failed.
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
@@ -109,13 +96,16 @@ pub enum DemoError {
     /// Starting the sample tool failed.
     #[error("cannot start the sample tool: {0}")]
     Tool(std::io::Error),
-    /// Starting or stopping a sidecar failed.
+    /// Starting or stopping a process failed.
     #[error(transparent)]
-    Sidecar(#[from] SidecarError),
-    /// A sidecar did not become ready (its log is printed separately).
-    #[error("the {name} sidecar {what} (its log is above)")]
+    Process(#[from] ProcessError),
+    /// An operator command failed (its output is in the message).
+    #[error(transparent)]
+    Operator(#[from] OperatorError),
+    /// A process did not become ready (its log is printed separately).
+    #[error("the {name} {what} (its log is above)")]
     NotReady {
-        /// Which sidecar.
+        /// Which process.
         name: &'static str,
         /// What happened instead.
         what: String,
@@ -127,12 +117,22 @@ pub enum DemoError {
 
 /// Runs the demo; `Ok(FAILURE)` means it ran but some step did not behave as expected.
 pub fn run(args: DemoArgs) -> Result<ExitCode, DemoError> {
+    let current_exe = |what| {
+        std::env::current_exe().map_err(|source| DemoError::CurrentExe {
+            what,
+            flag: "--proxy-bin",
+            source,
+        })
+    };
+    let mandate_bin = current_exe("mandate")?;
     let proxy_bin = match args.proxy_bin {
         Some(path) => path,
-        None => default_proxy_bin()?,
+        None => {
+            mandate_bin.with_file_name(format!("mandate-proxy{}", std::env::consts::EXE_SUFFIX))
+        }
     };
     if !proxy_bin.is_file() {
-        return Err(SidecarError::BinaryMissing(proxy_bin).into());
+        return Err(ProcessError::BinaryMissing(proxy_bin).into());
     }
     let policy = reference_policy(args.policies.as_deref())?;
     let dir = tempfile::Builder::new()
@@ -146,55 +146,57 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, DemoError> {
         .map_err(DemoError::Runtime)?;
 
     println!(
-        "Mandate demo: an agent calls a tool; each sits behind its own mandate-proxy sidecar."
+        "Mandate demo: an agent calls a tool; each sits behind its own mandate-proxy sidecar,"
     );
-    println!("The sidecars talk mutual TLS with identities from a CA created just now, and both");
-    println!("check every call against the reference policy before it goes anywhere.");
+    println!("and a control plane gives both their identities and the policy they enforce.");
 
     let mut transcript = Transcript::default();
-    let mut sidecars = Vec::new();
+    let mut processes = Vec::new();
+    let bins = Bins {
+        mandate: &mandate_bin,
+        proxy: &proxy_bin,
+    };
     let outcome = runtime.block_on(async {
         tokio::select! {
-            outcome = steps(&proxy_bin, &policy, dir.path(), &mut transcript, &mut sidecars) => outcome,
+            outcome = steps(bins, &policy, dir.path(), &mut transcript, &mut processes) => outcome,
             _ = tokio::signal::ctrl_c() => Err(DemoError::Interrupted),
         }
     });
-    // The sample tool and client tasks end with the runtime; the sidecars are stopped explicitly.
+    // The sample tool and client tasks end with the runtime; the processes are stopped explicitly,
+    // sidecars first so their last decisions can still reach the control plane.
     drop(runtime);
 
-    transcript.last_step("Stopping the sidecars (SIGTERM) and cleaning up");
-    // Ctrl-C reaches the sidecars too (same process group), so their having exited is expected then.
+    transcript.last_step("Stopping the sidecars and the control plane (SIGTERM) and cleaning up");
+    // Ctrl-C reaches the children too (same process group), so their having exited is expected then.
     let interrupted = matches!(outcome, Err(DemoError::Interrupted));
-    for sidecar in &mut sidecars {
-        let name = sidecar.spec().name;
-        match sidecar.stop() {
+    for process in processes.iter_mut().rev() {
+        let name = process.name();
+        match process.stop() {
             Ok(Stopped::Terminated(status)) => transcript.check(
                 status.success(),
-                format!("{name} sidecar exited on SIGTERM ({status})"),
+                format!("{name} exited on SIGTERM ({status})"),
             ),
             Ok(Stopped::Killed(status)) => transcript.check(
                 false,
-                format!(
-                    "{name} sidecar ignored SIGTERM for {STOP_TIMEOUT:?} and was killed ({status})"
-                ),
+                format!("{name} ignored SIGTERM for {STOP_TIMEOUT:?} and was killed ({status})"),
             ),
-            // A sidecar that dies on its own mid-demo is a failure even if later steps went well.
+            // A process that dies on its own mid-demo is a failure even if later steps went well.
             Ok(Stopped::AlreadyExited(status)) if interrupted => {
-                transcript.info(format!("{name} sidecar stopped on Ctrl-C ({status})"));
+                transcript.info(format!("{name} stopped on Ctrl-C ({status})"));
             }
             Ok(Stopped::AlreadyExited(status)) => transcript.check(
                 false,
-                format!("{name} sidecar had already exited by itself ({status})"),
+                format!("{name} had already exited by itself ({status})"),
             ),
             Err(e) => transcript.check(false, e.to_string()),
         };
     }
     if (outcome.is_err() && !interrupted) || !transcript.failures.is_empty() {
-        for sidecar in &sidecars {
-            print_log(sidecar);
+        for process in &processes {
+            print_log(process);
         }
     }
-    drop(sidecars);
+    drop(processes);
     if args.keep {
         let kept = dir.keep();
         transcript.info(format!("kept {} (--keep)", kept.display()));
@@ -224,14 +226,11 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, DemoError> {
     }
 }
 
-/// `mandate-proxy` in the same directory as the running `mandate`, which is where cargo puts both.
-fn default_proxy_bin() -> Result<PathBuf, DemoError> {
-    let exe = std::env::current_exe().map_err(|source| DemoError::CurrentExe {
-        what: "mandate-proxy",
-        flag: "--proxy-bin",
-        source,
-    })?;
-    Ok(exe.with_file_name(format!("mandate-proxy{}", std::env::consts::EXE_SUFFIX)))
+/// The two binaries the demo runs.
+#[derive(Clone, Copy)]
+struct Bins<'a> {
+    mandate: &'a Path,
+    proxy: &'a Path,
 }
 
 /// The reference policy directory: `<policies>/reference`, where `policies` is `--policies` or the
@@ -273,28 +272,7 @@ fn policies_near(exe: &Path) -> PathBuf {
     repo.join("policies")
 }
 
-/// The registry the reference policy reads (`data.registry`): one agent, `research`, that may use
-/// the tool's `search` and read its REST API, and nothing else.
-fn demo_data() -> Value {
-    json!({
-        "registry": {
-            "agents": {
-                AGENT: {
-                    "status": "active",
-                    "owner": "alice@example.com",
-                    "description": "Research assistant: searches and reads, never writes",
-                    "ceiling": [
-                        {"host": "tool", "tool": "search"},
-                        {"host": "tool", "method": "GET", "path": "/v1/*"},
-                    ],
-                },
-            },
-            "services": {},
-        },
-    })
-}
-
-/// A decision the demo saw the id of, to find again in the agent's decision log.
+/// A decision the demo saw the id of, to find again in the decision logs and the audit log.
 struct Expected {
     /// The call, in words.
     what: &'static str,
@@ -304,10 +282,8 @@ struct Expected {
 
 /// The identities and addresses every step needs, and the decisions seen so far.
 struct World {
-    agent_id: SpiffeId,
-    tool_id: SpiffeId,
-    /// The `x-forwarded-client-cert` the tool's sidecar must stamp for the agent's certificate.
-    expected_xfcc: String,
+    agent_id: String,
+    tool_id: String,
     agent_outbound: SocketAddr,
     agent_admin: SocketAddr,
     tool_admin: SocketAddr,
@@ -317,68 +293,56 @@ struct World {
 }
 
 async fn steps(
-    proxy_bin: &Path,
+    bins: Bins<'_>,
     policy: &Path,
     dir: &Path,
     t: &mut Transcript,
-    sidecars: &mut Vec<Sidecar>,
+    processes: &mut Vec<Process>,
 ) -> Result<(), DemoError> {
-    let td: TrustDomain = "mandate.local".parse().expect("a valid trust domain");
-    // Each kind of file gets its own directory: a sidecar watches the directories of its identity
-    // and policy files and reloads on any change in them, so logs written next to those files
-    // would make it reload after every line.
-    let pki = dir.join("pki");
-    let registry = dir.join("registry");
     let logs = dir.join("logs");
-    for sub in [&registry, &logs] {
-        std::fs::create_dir(sub).map_err(DemoError::TempDir)?;
-    }
+    std::fs::create_dir(&logs).map_err(DemoError::TempDir)?;
 
-    t.step(format!(
-        "Creating a CA and two identities in {}",
-        pki.display()
-    ));
-    let ca = ca_cli::init(&pki, td.clone(), Duration::from_secs(24 * 3600), false)?;
+    t.step("Starting the control plane: mandate serve (embedded SQLite, nothing to set up)");
+    let [api, cp_metrics] = process::free_ports(2).map_err(DemoError::Ports)?[..] else {
+        unreachable!("free_ports returns as many ports as asked for");
+    };
+    let cp = ControlPlane::new(bins.mandate, dir.join("control-plane"), api);
+    let started = Instant::now();
+    processes.push(cp.spawn(cp_metrics, &logs)?);
+    wait_ready(processes.last_mut().expect("just pushed")).await?;
     t.info(format!(
-        "{:<32} root CA of trust domain {td}  (as `mandate ca init --dir DIR`)",
-        format!("{}, {}", file_name(&ca.cert), file_name(&ca.key)),
+        "mandate serve --data-dir {} --listen {api} --metrics {cp_metrics}",
+        cp.data_dir().display()
     ));
-    let ttl = Duration::from_secs(3600);
-    let agent_svid = ca_cli::issue(&pki, &format!("agent/{AGENT}"), None, ttl)?;
-    let tool_svid = ca_cli::issue(&pki, "service/tool", None, ttl)?;
-    for (short, issued) in [
-        (format!("agent/{AGENT}"), &agent_svid),
-        ("service/tool".to_owned(), &tool_svid),
-    ] {
-        t.info(format!(
-            "{:<32} {}  (as `mandate ca issue {short} --dir DIR`)",
-            format!("{}, {}", file_name(&issued.cert), file_name(&issued.key)),
-            issued.svid.id,
-        ));
-    }
+    t.info(format!(
+        "ready after {:.1}s: CA created, trust bundle at {}",
+        started.elapsed().as_secs_f64(),
+        file_name(&cp.ca_pem())
+    ));
 
-    t.step("Registering the agent: the registry the policy reads (data.json)");
-    let data = registry.join("data.json");
-    let document = demo_data();
-    let pretty = serde_json::to_string_pretty(&document).expect("JSON values serialise");
-    std::fs::write(&data, format!("{pretty}\n")).map_err(|source| DemoError::Data {
-        path: data.clone(),
-        source,
-    })?;
-    let entry = &document["registry"]["agents"][AGENT];
-    t.info(format!(
-        "agent {AGENT}: status {}, owner {}",
-        entry["status"].as_str().unwrap_or("?"),
-        entry["owner"].as_str().unwrap_or("?")
-    ));
-    t.info("ceiling (the most it may ever do):");
-    for scope in entry["ceiling"].as_array().into_iter().flatten() {
-        t.info(format!("  {scope}"));
-    }
-    t.info(format!(
-        "policy: {} (deny by default; allow what the ceiling covers)",
-        policy.display()
-    ));
+    t.step("Registering the agent and the tool (each gets a one-time join token)");
+    let agent_token = register(
+        t,
+        &cp,
+        &[
+            "agent",
+            "register",
+            AGENT,
+            "--owner",
+            "alice@example.com",
+            "--description",
+            "Research assistant: searches and reads, never writes",
+            "--ceiling",
+            CEILING,
+        ],
+    )
+    .await?;
+    let tool_token = register(
+        t,
+        &cp,
+        &["service", "register", TOOL, "--owner", "tools@example.com"],
+    )
+    .await?;
 
     t.step("Starting the sample tool (an MCP server at /mcp; other paths echo what they received)");
     let tool = SampleTool::start().await.map_err(DemoError::Tool)?;
@@ -387,7 +351,7 @@ async fn steps(
         tool.addr()
     ));
 
-    t.step("Starting two mandate-proxy sidecars, both enforcing the reference policy");
+    t.step("Starting two sidecars: each makes its own key and enrols with its join token");
     let [
         tool_in,
         tool_out,
@@ -395,19 +359,13 @@ async fn steps(
         agent_in,
         agent_out,
         agent_admin,
-    ] = sidecar::free_ports(6).map_err(DemoError::Ports)?[..]
+    ] = process::free_ports(6).map_err(DemoError::Ports)?[..]
     else {
         unreachable!("free_ports returns as many ports as asked for");
     };
     let mut world = World {
-        agent_id: agent_svid.svid.id.clone(),
-        tool_id: tool_svid.svid.id.clone(),
-        expected_xfcc: format!(
-            "By={};Hash={};URI={}",
-            tool_svid.svid.id,
-            sha256_hex_of_cert(&agent_svid.cert)?,
-            agent_svid.svid.id
-        ),
+        agent_id: format!("spiffe://mandate.local/agent/{AGENT}"),
+        tool_id: format!("spiffe://mandate.local/service/{TOOL}"),
         agent_outbound: agent_out,
         agent_admin,
         tool_admin,
@@ -415,60 +373,74 @@ async fn steps(
         tool_log: logs.join("decisions.tool.jsonl"),
         expected: Vec::new(),
     };
-    let bundle = ca.cert.clone();
     let tool_spec = SidecarSpec {
-        name: "tool",
-        cert: tool_svid.cert.clone(),
-        key: tool_svid.key.clone(),
-        bundle: bundle.clone(),
+        control_plane: cp.url(),
         outbound: tool_out,
         inbound: tool_in,
         admin: tool_admin,
         app: Some(tool.addr()),
         routes: Vec::new(),
-        policy: policy.to_owned(),
-        data: data.clone(),
         decision_log: world.tool_log.clone(),
     };
     let route = format!("{TOOL_AUTHORITY}={tool_in},id={}", world.tool_id);
     let agent_spec = SidecarSpec {
-        name: "agent",
-        cert: agent_svid.cert.clone(),
-        key: agent_svid.key.clone(),
-        bundle,
+        control_plane: cp.url(),
         outbound: agent_out,
         inbound: agent_in,
         admin: agent_admin,
         app: None,
         routes: vec![route.clone()],
-        policy: policy.to_owned(),
-        data: data.clone(),
         decision_log: world.agent_log.clone(),
     };
     t.info(format!(
-        "tool sidecar   as {}: mTLS inbound {tool_in} -> app {}, admin {tool_admin}",
-        world.tool_id,
+        "tool sidecar:  mandate-proxy --control-plane {} --app {} --inbound {tool_in}",
+        cp.url(),
         tool.addr()
     ));
     t.info(format!(
-        "agent sidecar  as {}: outbound proxy {agent_out}, admin {agent_admin}",
-        world.agent_id
+        "agent sidecar: mandate-proxy --control-plane {} --outbound {agent_out} --route {route}",
+        cp.url()
     ));
-    t.info(format!("               --route {route}"));
-    t.info(format!(
-        "both:          --policy {} --data registry/{} --decision-log logs/decisions.<name>.jsonl",
-        policy.display(),
-        file_name(&data),
-    ));
-    sidecars.push(Sidecar::spawn(proxy_bin, tool_spec, &logs)?);
-    sidecars.push(Sidecar::spawn(proxy_bin, agent_spec, &logs)?);
-    let started = Instant::now();
-    for sidecar in sidecars.iter_mut() {
+    t.info(
+        "both:          MANDATE_JOIN_TOKEN=<its token>, --decision-log logs/decisions.<name>.jsonl",
+    );
+    processes.push(Process::spawn(
+        bins.proxy,
+        "tool sidecar",
+        tool_admin,
+        tool_spec.args(),
+        &[("MANDATE_JOIN_TOKEN", &tool_token)],
+        &logs,
+    )?);
+    processes.push(Process::spawn(
+        bins.proxy,
+        "agent sidecar",
+        agent_admin,
+        agent_spec.args(),
+        &[("MANDATE_JOIN_TOKEN", &agent_token)],
+        &logs,
+    )?);
+    let enrolled = Instant::now();
+    for sidecar in processes.iter_mut().skip(1) {
+        wait_live(sidecar).await?;
+    }
+    let before_policy = client::get(agent_admin, "/readyz", &agent_admin.to_string(), &[]).await;
+    t.check(
+        matches!(&before_policy, Ok(r) if r.status == 503),
+        "enrolled but not ready yet: no policy bundle has arrived, so every call would be denied",
+    );
+
+    t.step("Pushing the reference policy: compiled and tested by the control plane, then signed");
+    let pushed = operator_ok(t, &cp, &["policy", "push", &policy.display().to_string()]).await?;
+    for line in pushed.lines().filter(|l| !l.trim().is_empty()) {
+        t.info(format!("   {line}"));
+    }
+    for sidecar in processes.iter_mut().skip(1) {
         wait_ready(sidecar).await?;
     }
     t.info(format!(
-        "both sidecars ready (/readyz 200: identity and policy loaded) after {:.1}s",
-        started.elapsed().as_secs_f64()
+        "both sidecars enrolled, verified the bundle's signature and became ready after {:.1}s",
+        enrolled.elapsed().as_secs_f64()
     ));
 
     mcp_search(t, &mut world, &tool).await;
@@ -477,25 +449,76 @@ async fn steps(
     rest_write(t, &mut world, &tool).await;
     unrouted_call(t, &world, &tool).await;
     decision_logs(t, &world).await;
+    audit_log(t, &world, &cp).await;
     metrics(t, &world).await;
+    revoke(t, &world, &cp).await;
     Ok(())
 }
 
+/// Runs a `register` command, prints what it said (the token shortened) and returns the token.
+async fn register(
+    t: &mut Transcript,
+    cp: &ControlPlane,
+    args: &[&str],
+) -> Result<String, DemoError> {
+    let out = operator_ok(t, cp, args).await?;
+    let token = operator::join_token_in(&out)?;
+    for line in out.lines().filter(|l| !l.trim().is_empty()) {
+        t.info(format!("   {}", line.replace(&token, &shorten(&token))));
+    }
+    Ok(token)
+}
+
+/// Prints and runs `mandate ARGS…` against the demo's control plane; a failure stops the demo.
+async fn operator_ok(
+    t: &mut Transcript,
+    cp: &ControlPlane,
+    args: &[&str],
+) -> Result<String, DemoError> {
+    let shown: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if a.contains(' ') || a.contains('"') {
+                format!("'{a}'")
+            } else {
+                (*a).to_owned()
+            }
+        })
+        .collect();
+    t.info(format!("$ mandate {}", shown.join(" ")));
+    Ok(cp.run(args).await?)
+}
+
+/// The first and last characters of a secret, enough to recognise it.
+fn shorten(secret: &str) -> String {
+    let head: String = secret.chars().take(12).collect();
+    format!("{head}…(one-time secret)")
+}
+
 /// Polls `/readyz` until 200, the process exits, or the timeout passes.
-async fn wait_ready(sidecar: &mut Sidecar) -> Result<(), DemoError> {
-    let name = sidecar.spec().name;
-    let admin = sidecar.spec().admin;
+async fn wait_ready(process: &mut Process) -> Result<(), DemoError> {
+    wait_for(process, "/readyz", "ready").await
+}
+
+/// Polls `/healthz` until 200 (listeners bound, enrolment done), the process exits, or the timeout passes.
+async fn wait_live(process: &mut Process) -> Result<(), DemoError> {
+    wait_for(process, "/healthz", "live").await
+}
+
+async fn wait_for(process: &mut Process, path: &str, state: &str) -> Result<(), DemoError> {
+    let name = process.name();
+    let admin = process.admin();
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
-        if let Some(status) = sidecar.exited() {
+        if let Some(status) = process.exited() {
             return Err(DemoError::NotReady {
                 name,
-                what: format!("exited ({status}) before becoming ready"),
+                what: format!("exited ({status}) before becoming {state}"),
             });
         }
-        let last = match client::get(admin, "/readyz", &admin.to_string(), &[]).await {
+        let last = match client::get(admin, path, &admin.to_string(), &[]).await {
             Ok(r) if r.status.is_success() => return Ok(()),
-            Ok(r) => format!("/readyz answered {}: {}", r.status, r.text().trim()),
+            Ok(r) => format!("{path} answered {}: {}", r.status, r.text().trim()),
             Err(e) => e.to_string(),
         };
         // A policy that failed to compile will not fix itself while the demo waits.
@@ -510,7 +533,7 @@ async fn wait_ready(sidecar: &mut Sidecar) -> Result<(), DemoError> {
         if Instant::now() >= deadline {
             return Err(DemoError::NotReady {
                 name,
-                what: format!("was not ready within {READY_TIMEOUT:?} (last: {last})"),
+                what: format!("was not {state} within {READY_TIMEOUT:?} (last: {last})"),
             });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -631,7 +654,7 @@ async fn mcp_delete_repo(t: &mut Transcript, w: &mut World, tool: &SampleTool) {
 /// identity the sidecars proved.
 async fn rest_read(t: &mut Transcript, w: &mut World, tool: &SampleTool) {
     let target = format!("http://{TOOL_AUTHORITY}/v1/items?q=mandate");
-    let spoof = format!("spiffe://{}/agent/admin", w.agent_id.trust_domain_str());
+    let spoof = "spiffe://mandate.local/agent/admin".to_owned();
     let spoof_xfcc = format!("By={};URI={spoof}", w.tool_id);
     t.step("The agent reads the tool's REST API (GET /v1/*: allowed), forging identity headers");
     t.info(format!("GET {target}"));
@@ -665,8 +688,14 @@ async fn rest_read(t: &mut Transcript, w: &mut World, tool: &SampleTool) {
             w.agent_id
         ),
     );
+    let xfcc = seen["headers"]["x-forwarded-client-cert"]
+        .as_str()
+        .unwrap_or("");
+    let hash = xfcc
+        .strip_prefix(&format!("By={};Hash=", w.tool_id))
+        .and_then(|rest| rest.strip_suffix(&format!(";URI={}", w.agent_id)));
     t.check(
-        seen["headers"]["x-forwarded-client-cert"] == w.expected_xfcc.as_str(),
+        hash.is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())),
         "the forged x-forwarded-client-cert was replaced: By the tool, Hash of the agent's certificate, URI the agent",
     );
     t.check(
@@ -834,6 +863,110 @@ async fn decision_logs(t: &mut Transcript, w: &World) {
             ),
         );
     }
+}
+
+/// Shows the control plane's audit log for the agent and checks it holds every decision the calls got.
+async fn audit_log(t: &mut Transcript, w: &World, cp: &ControlPlane) {
+    t.step("What the control plane recorded: the sidecars sent their decisions in batches");
+    // Sidecars send every 200 ms or so; wait until all the expected decisions have arrived.
+    let deadline = Instant::now() + SETTLE;
+    let records = loop {
+        let records = cp
+            .run(&["audit", "query", "--agent", AGENT, "--json"])
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|out| {
+                out.lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(|l| serde_json::from_str::<Value>(l).map_err(|e| format!("{e}: {l}")))
+                    .collect::<Result<Vec<_>, _>>()
+            });
+        let complete = records.as_ref().is_ok_and(|r| {
+            w.expected
+                .iter()
+                .all(|e| r.iter().any(|d| d["decision_id"] == e.decision_id.as_str()))
+        });
+        if complete || Instant::now() >= deadline {
+            break records;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    match operator_ok(t, cp, &["audit", "query", "--agent", AGENT]).await {
+        Ok(table) => {
+            for line in table.lines().filter(|l| !l.trim().is_empty()) {
+                t.info(format!("   {line}"));
+            }
+        }
+        Err(e) => t.check(false, e.to_string()),
+    }
+    let records = match records {
+        Ok(records) => records,
+        Err(e) => {
+            t.check(false, format!("mandate audit query --json: {e}"));
+            return;
+        }
+    };
+    for e in &w.expected {
+        let verdict = if e.allow { "allow" } else { "deny" };
+        t.check(
+            records
+                .iter()
+                .any(|d| d["decision_id"] == e.decision_id.as_str() && d["allow"] == e.allow),
+            format!(
+                "{}: {verdict} is in the audit log under its decision id",
+                e.what
+            ),
+        );
+    }
+    t.check(
+        records.iter().any(|d| d["direction"] == "inbound"),
+        "the tool sidecar's inbound decisions about the agent are there too",
+    );
+}
+
+/// Revokes the agent and checks its very next calls are refused, within a second.
+async fn revoke(t: &mut Transcript, w: &World, cp: &ControlPlane) {
+    t.step("Revoking the agent: every sidecar hears of it within a second");
+    if let Err(e) = operator_ok(t, cp, &["agent", "revoke", AGENT]).await {
+        t.check(false, e.to_string());
+        return;
+    }
+    let revoked = Instant::now();
+    let target = format!("http://{TOOL_AUTHORITY}/v1/items");
+    let mut last = String::new();
+    let refused = loop {
+        match client::get(w.agent_outbound, &target, TOOL_AUTHORITY, &[]).await {
+            Ok(r) if r.status == 403 => break Some((revoked.elapsed(), r)),
+            Ok(r) => last = format!("{} {}", r.status, r.text().trim()),
+            Err(e) => last = e.to_string(),
+        }
+        if revoked.elapsed() > SETTLE {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let Some((took, response)) = refused else {
+        t.check(
+            false,
+            format!(
+                "GET {target} still not refused {SETTLE:?} after the revocation (last: {last})"
+            ),
+        );
+        return;
+    };
+    t.info(format!("GET {target}  ->  {}", response.text().trim()));
+    let reason = response
+        .json()
+        .and_then(|b| b["reason"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    t.check(
+        reason.contains("revoked"),
+        format!("refused because the agent is revoked: {reason}"),
+    );
+    t.check(
+        took <= REVOCATION,
+        format!("the agent's sidecar refused it {:.0} ms after `mandate agent revoke` returned (target ≤ 1 s)", took.as_secs_f64() * 1000.0),
+    );
 }
 
 /// Reads a JSON-lines decision log; a missing file is an empty log.
@@ -1105,15 +1238,6 @@ fn tool_saw(t: &mut Transcript, response: &Response) -> Option<Value> {
     Some(seen)
 }
 
-fn sha256_hex_of_cert(path: &Path) -> Result<String, DemoError> {
-    let der = CertificateDer::from_pem_file(path).map_err(|e| DemoError::Certificate {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    })?;
-    let digest = ring::digest::digest(&ring::digest::SHA256, &der);
-    Ok(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
-}
-
 fn file_name(path: &Path) -> String {
     path.file_name().map_or_else(
         || path.display().to_string(),
@@ -1121,13 +1245,13 @@ fn file_name(path: &Path) -> String {
     )
 }
 
-/// Prints the end of a sidecar's log.
-fn print_log(sidecar: &Sidecar) {
-    let name = sidecar.spec().name;
-    let log = sidecar.log();
+/// Prints the end of a process's log.
+fn print_log(process: &Process) {
+    let name = process.name();
+    let log = process.log();
     let lines: Vec<&str> = log.lines().collect();
     let shown = &lines[lines.len().saturating_sub(LOG_TAIL)..];
-    println!("\n--- {name} sidecar log ---");
+    println!("\n--- {name} log ---");
     if shown.len() < lines.len() {
         println!(
             "(the first {} lines are left out; run `mandate demo --keep` to keep the whole log)",
@@ -1137,7 +1261,7 @@ fn print_log(sidecar: &Sidecar) {
     for line in shown {
         println!("{line}");
     }
-    println!("--- end of {name} sidecar log ---");
+    println!("--- end of {name} log ---");
 }
 
 /// The printed transcript, and the record of which checks failed.

@@ -1,4 +1,5 @@
-//! Running `mandate-proxy` sidecars as child processes for the demo.
+//! The demo's child processes: `mandate serve` and the `mandate-proxy` sidecars, each logging to a
+//! file and stopped with SIGTERM.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -7,12 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// How long a sidecar gets to exit after SIGTERM before it is killed.
+/// How long a process gets to exit after SIGTERM before it is killed.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Why a sidecar could not be started or stopped.
+/// Why a process could not be started or stopped.
 #[derive(Debug, thiserror::Error)]
-pub enum SidecarError {
+pub enum ProcessError {
     /// The proxy binary is not where we looked.
     #[error("mandate-proxy not found at {}: build it with `cargo build --workspace --bins` (or run `make demo`), or pass --proxy-bin", .0.display())]
     BinaryMissing(PathBuf),
@@ -33,9 +34,9 @@ pub enum SidecarError {
         source: std::io::Error,
     },
     /// Waiting on or signalling the process failed.
-    #[error("cannot manage the {name} sidecar (pid {pid}): {source}")]
+    #[error("cannot manage the {name} process (pid {pid}): {source}")]
     Wait {
-        /// The sidecar's name.
+        /// The process's name.
         name: String,
         /// Its process id.
         pid: u32,
@@ -44,17 +45,11 @@ pub enum SidecarError {
     },
 }
 
-/// Where a sidecar listens, what identity it holds and where it sends traffic.
+/// A managed sidecar: where it listens, which control plane it enrols with, where it sends traffic.
 #[derive(Debug, Clone)]
 pub struct SidecarSpec {
-    /// A short name for the transcript ("agent", "tool").
-    pub name: &'static str,
-    /// SVID certificate PEM.
-    pub cert: PathBuf,
-    /// SVID key PEM.
-    pub key: PathBuf,
-    /// Trust bundle PEM.
-    pub bundle: PathBuf,
+    /// The control plane's URL.
+    pub control_plane: String,
     /// Outbound (agent-facing) listener.
     pub outbound: SocketAddr,
     /// Inbound (mTLS) listener.
@@ -65,36 +60,24 @@ pub struct SidecarSpec {
     pub app: Option<SocketAddr>,
     /// `--route` values.
     pub routes: Vec<String>,
-    /// `--policy`: the Rego policy directory.
-    pub policy: PathBuf,
-    /// `--data`: the policy's JSON data (the registry).
-    pub data: PathBuf,
     /// `--decision-log`: where decisions are written, one JSON line each.
     pub decision_log: PathBuf,
 }
 
 impl SidecarSpec {
-    /// The command-line arguments for `mandate-proxy`.
+    /// The command-line arguments for `mandate-proxy` (the join token goes in the environment).
     pub fn args(&self) -> Vec<OsString> {
         let mut args: Vec<OsString> = vec![
             "--trust-domain".into(),
             "mandate.local".into(),
-            "--cert".into(),
-            self.cert.clone().into(),
-            "--key".into(),
-            self.key.clone().into(),
-            "--bundle".into(),
-            self.bundle.clone().into(),
+            "--control-plane".into(),
+            self.control_plane.clone().into(),
             "--outbound".into(),
             self.outbound.to_string().into(),
             "--inbound".into(),
             self.inbound.to_string().into(),
             "--admin".into(),
             self.admin.to_string().into(),
-            "--policy".into(),
-            self.policy.clone().into(),
-            "--data".into(),
-            self.data.clone().into(),
             "--decision-log".into(),
             self.decision_log.clone().into(),
         ];
@@ -119,22 +102,31 @@ pub enum Stopped {
     Killed(ExitStatus),
 }
 
-/// A running sidecar. Dropping it stops the process, so no child outlives a failed demo.
-pub struct Sidecar {
-    spec: SidecarSpec,
+/// A child process that answers `/readyz` on `admin`. Dropping it stops the process, so no child
+/// outlives a failed demo.
+pub struct Process {
+    name: &'static str,
+    admin: SocketAddr,
     child: Child,
     log: PathBuf,
     exit: Option<ExitStatus>,
 }
 
-impl Sidecar {
-    /// Starts `bin` with `spec`, logging stdout and stderr to `log_dir/<name>-sidecar.log`.
-    pub fn spawn(bin: &Path, spec: SidecarSpec, log_dir: &Path) -> Result<Self, SidecarError> {
+impl Process {
+    /// Starts `bin ARGS` with `envs`, logging stdout and stderr to `log_dir/<name>.log`.
+    pub fn spawn(
+        bin: &Path,
+        name: &'static str,
+        admin: SocketAddr,
+        args: Vec<OsString>,
+        envs: &[(&str, &str)],
+        log_dir: &Path,
+    ) -> Result<Self, ProcessError> {
         if !bin.is_file() {
-            return Err(SidecarError::BinaryMissing(bin.to_owned()));
+            return Err(ProcessError::BinaryMissing(bin.to_owned()));
         }
-        let log = log_dir.join(format!("{}-sidecar.log", spec.name));
-        let log_err = |source| SidecarError::Log {
+        let log = log_dir.join(format!("{name}.log"));
+        let log_err = |source| ProcessError::Log {
             path: log.clone(),
             source,
         };
@@ -142,7 +134,7 @@ impl Sidecar {
         let stdout = stderr.try_clone().map_err(log_err)?;
         let mut command = Command::new(bin);
         command
-            .args(spec.args())
+            .args(args)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);
@@ -154,21 +146,28 @@ impl Sidecar {
                 command.env_remove(&key);
             }
         }
-        let child = command.spawn().map_err(|source| SidecarError::Spawn {
+        command.envs(envs.iter().copied());
+        let child = command.spawn().map_err(|source| ProcessError::Spawn {
             bin: bin.to_owned(),
             source,
         })?;
         Ok(Self {
-            spec,
+            name,
+            admin,
             child,
             log,
             exit: None,
         })
     }
 
-    /// The sidecar's configuration.
-    pub fn spec(&self) -> &SidecarSpec {
-        &self.spec
+    /// Its name in the transcript ("control plane", "agent sidecar", …).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Where it answers `/readyz` and `/metrics`.
+    pub fn admin(&self) -> SocketAddr {
+        self.admin
     }
 
     /// The exit status if the process has already ended.
@@ -179,20 +178,20 @@ impl Sidecar {
         self.exit
     }
 
-    /// Everything the sidecar wrote to stdout and stderr so far.
+    /// Everything the process wrote to stdout and stderr so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log)
             .unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log.display()))
     }
 
     /// Sends SIGTERM and waits for the exit; kills it if it has not exited within the stop timeout.
-    pub fn stop(&mut self) -> Result<Stopped, SidecarError> {
+    pub fn stop(&mut self) -> Result<Stopped, ProcessError> {
         if let Some(status) = self.exited() {
             return Ok(Stopped::AlreadyExited(status));
         }
         let pid = self.child.id();
-        let wait_err = |source| SidecarError::Wait {
-            name: self.spec.name.to_owned(),
+        let wait_err = |source| ProcessError::Wait {
+            name: self.name.to_owned(),
             pid,
             source,
         };
@@ -220,10 +219,10 @@ impl Sidecar {
     }
 }
 
-impl Drop for Sidecar {
+impl Drop for Process {
     fn drop(&mut self) {
         if self.exit.is_none() {
-            // Best effort on the error path: a sidecar left running would hold its ports.
+            // Best effort on the error path: a process left running would hold its ports.
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
@@ -232,7 +231,7 @@ impl Drop for Sidecar {
 
 /// Reserves `n` distinct free ports on 127.0.0.1.
 ///
-/// The ports are released when this returns, so another process could take one before the sidecar
+/// The ports are released when this returns, so another process could take one before the child
 /// binds it; on a developer machine that race is rare, and the demo then reports the bind error.
 pub fn free_ports(n: usize) -> std::io::Result<Vec<SocketAddr>> {
     // Holding every listener until all are bound is what makes the ports distinct.
