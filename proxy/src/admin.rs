@@ -148,13 +148,16 @@ impl Admin {
             Some("not ready: starting or draining\n".into())
         } else if !self.identity.is_valid_now() {
             Some("not ready: the SVID is outside its validity period\n".into())
-        } else if let Some(authz) = self.authz.as_ref().filter(|a| !a.has_policy()) {
-            Some(format!(
-                "not ready: {} (see the log for why)\n",
-                authz.policy().missing_reason()
-            ))
         } else {
-            None
+            self.authz
+                .as_ref()
+                .filter(|a| !a.has_policy())
+                .map(|authz| {
+                    format!(
+                        "not ready: {} (see the log for why)\n",
+                        authz.policy().missing_reason()
+                    )
+                })
         }
     }
 }

@@ -684,6 +684,106 @@ mod tests {
         assert!(parse_size("0").is_err());
     }
 
+    fn managed(extra: &[&str]) -> Result<Config, ConfigError> {
+        let token = JoinToken::generate("spiffe://example.org/agent/a", b"ca").expose();
+        let mut argv = vec![
+            "mandate-proxy",
+            "--control-plane",
+            "https://cp.example.org:15012",
+            "--join-token",
+            &token,
+        ];
+        argv.extend_from_slice(extra);
+        Config::from_args(Args::parse_from(argv))
+    }
+
+    #[test]
+    fn managed_mode_takes_its_trust_domain_from_the_token_and_policy_from_the_control_plane() {
+        let c = managed(&["--dry-run", "--decision-log", "d.jsonl"]).unwrap();
+        assert_eq!(c.trust_domain.as_str(), "example.org");
+        let Mode::Managed(m) = &c.mode else {
+            panic!("managed")
+        };
+        assert_eq!(m.control_plane.host, "cp.example.org");
+        assert_eq!(m.control_plane.port, 15012);
+        assert_eq!(
+            m.join_token.as_ref().unwrap().spiffe_id(),
+            "spiffe://example.org/agent/a"
+        );
+        let p = c.policy.unwrap();
+        assert!(matches!(p.source, PolicySource::ControlPlane));
+        assert!(p.enforcement.dry_run);
+        assert_eq!(
+            ControlPlaneUrl::parse("https://[::1]/")
+                .unwrap()
+                .authority(),
+            "[::1]:443"
+        );
+    }
+
+    #[test]
+    fn managed_mode_errors_name_the_field_and_never_echo_the_token() {
+        for (extra, want) in [
+            (
+                vec!["--cert", "c.pem"],
+                "--cert: cannot be used with --control-plane",
+            ),
+            (
+                vec!["--policy", "p.rego"],
+                "--policy: cannot be used with --control-plane",
+            ),
+            (
+                vec!["--data", "d.json"],
+                "--data: cannot be used with --control-plane",
+            ),
+            (
+                vec!["--trust-domain", "other.org"],
+                "--trust-domain: other.org differs",
+            ),
+        ] {
+            let err = managed(&extra).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{extra:?}: {err}");
+        }
+        let parse = |argv: &[&str]| {
+            let mut full = vec!["mandate-proxy"];
+            full.extend_from_slice(argv);
+            Config::from_args(Args::parse_from(full))
+                .unwrap_err()
+                .to_string()
+        };
+        let err = parse(&["--control-plane", "http://cp:15012", "--join-token", "x"]);
+        assert!(
+            err.starts_with("--control-plane: ") && err.contains("https"),
+            "{err}"
+        );
+        let err = parse(&[
+            "--control-plane",
+            "https://cp",
+            "--join-token",
+            "mjt1.secret-ish",
+        ]);
+        assert!(
+            err.starts_with("--join-token: not a Mandate join token"),
+            "{err}"
+        );
+        assert!(!err.contains("secret-ish"), "{err}");
+        let err = parse(&["--control-plane", "https://cp"]);
+        assert!(err.starts_with("--join-token: required"), "{err}");
+        let err = parse(&["--join-token", "x"]);
+        assert!(err.starts_with("--join-token: only means something with --control-plane"));
+        // A state directory may stand in for a used token.
+        assert!(
+            Config::from_args(Args::parse_from([
+                "mandate-proxy",
+                "--control-plane",
+                "https://cp",
+                "--state-dir",
+                "/nonexistent/state"
+            ]))
+            .is_ok()
+        );
+    }
+
     #[test]
     fn unknown_file_keys_are_refused() {
         let dir = tempfile::tempdir().unwrap();

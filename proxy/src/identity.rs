@@ -390,6 +390,32 @@ impl IdentityStore {
         &self.revocations
     }
 
+    /// Applies a registry's inactive workloads: refused by every verifier from now on, their
+    /// tracked connections closed. Returns the IDs that became inactive.
+    ///
+    /// TLS session resumption skips certificate verification, so when the set grows the TLS
+    /// configurations are rebuilt from the same certificate and key: their session caches go with
+    /// the old ones, and every later handshake with a newly inactive peer is verified in full.
+    pub fn apply_registry(&self, registry: &mandate_wire::Registry) -> Vec<String> {
+        let newly = self.revocations.apply(registry);
+        if !newly.is_empty() {
+            let _update = self.update.lock().unwrap_or_else(|p| p.into_inner());
+            let pem = self.current.load().pem.clone();
+            let origins = match &self.files {
+                Some(files) => Origins::files(files),
+                None => Origins::control_plane(),
+            };
+            match Identity::build(&origins, &self.trust_domain, pem, &self.revocations) {
+                Ok(identity) => self.current.store(Arc::new(identity)),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "cannot rebuild the TLS configurations; resumed sessions may skip the revocation check until the next identity change"
+                ),
+            }
+        }
+        newly
+    }
+
     /// Re-reads the files and swaps in the new identity if it is valid and different.
     /// Returns whether a new identity was applied; a rejected set leaves the current one in force.
     /// Managed identities have no files: nothing to reload.

@@ -57,12 +57,14 @@ impl Outbound {
         }
     }
 
-    /// Tracks a connection of our own agent: cancelled when the registry marks our workload inactive.
+    /// Tracks a connection of our own agent: cancelled when the registry marks our workload
+    /// inactive while it is open. One opened afterwards stays, and each call on it is refused
+    /// with the reason.
     fn track_own(&self) -> crate::revocation::ConnectionGuard {
         let own = self.identity.current();
         self.identity
             .revocations()
-            .track(Arc::from(own.svid.id.as_str()))
+            .track_changes(Arc::from(own.svid.id.as_str()))
     }
 
     /// Handles one connection to the outbound listener.

@@ -275,3 +275,65 @@ fn read_sources(
     };
     Ok((modules, data))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALLOW: &str = "package mandate.authz\n\nallow if input.x == data.want\n";
+
+    fn pushed() -> PolicyStore {
+        PolicyStore::load(
+            PolicySource::ControlPlane,
+            CompileSettings {
+                time_limit: Duration::from_millis(50),
+                engine: EngineChoice::Interpreter,
+            },
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    #[test]
+    fn pushed_bundles_compile_through_the_same_path_and_carry_their_version() {
+        let store = pushed();
+        assert!(store.current().is_none());
+        assert_eq!(
+            store.missing_reason(),
+            "no policy from the control plane yet"
+        );
+        let modules = BTreeMap::from([("authz.rego".to_owned(), ALLOW.to_owned())]);
+        store
+            .install_bundle(
+                7,
+                &modules,
+                serde_json::json!({"want": 1, "registry": {"agents": {"a": {"status": "active"}}}}),
+            )
+            .unwrap();
+        let loaded = store.current().unwrap();
+        assert_eq!(loaded.version(), "7");
+        assert_eq!(
+            loaded.registry_entry("agent", "a")["status"],
+            Value::from("active")
+        );
+
+        // A broken bundle is refused; 7 stays.
+        let broken = BTreeMap::from([(
+            "authz.rego".to_owned(),
+            "package mandate.authz\nallow if {".to_owned(),
+        )]);
+        assert!(
+            store
+                .install_bundle(8, &broken, serde_json::json!({}))
+                .is_err()
+        );
+        assert_eq!(store.current().unwrap().version(), "7");
+
+        // The same bundle with new data (a registry change) is a new policy under the same version.
+        store
+            .install_bundle(7, &modules, serde_json::json!({"want": 2}))
+            .unwrap();
+        let reloaded = store.current().unwrap();
+        assert_eq!(reloaded.version(), "7");
+        assert!(!Arc::ptr_eq(&loaded, &reloaded));
+    }
+}

@@ -84,8 +84,8 @@ impl Revocations {
             .filter(|id| !previous.contains_key(*id))
             .cloned()
             .collect();
-        // Sweep after the swap: a connection registered from now on sees the new set itself
-        // (`track` checks it), so none slips between the two.
+        // Sweep after the swap: a connection tracked from now on sees the new set itself (`track`
+        // checks it), so none slips between the two.
         if !next.is_empty() {
             self.sweep(&next);
         }
@@ -106,6 +106,17 @@ impl Revocations {
     /// Tracks a live connection with `peer`: the token is cancelled when `peer` becomes inactive
     /// (at once, if it already is). Untracked when the guard drops.
     pub fn track(&self, peer: Arc<str>) -> ConnectionGuard {
+        let guard = self.track_changes(peer.clone());
+        if self.check(&peer).is_err() {
+            guard.token.cancel();
+        }
+        guard
+    }
+
+    /// Tracks a connection whose requests are each refused while `peer` is inactive (our own
+    /// agent's): only a change to inactive while it is open cancels it, so a connection opened
+    /// afterwards still gets answers saying why.
+    pub fn track_changes(&self, peer: Arc<str>) -> ConnectionGuard {
         let token = CancellationToken::new();
         let key = self.connections.next.fetch_add(1, Ordering::Relaxed);
         // Spread keys over shards by a hash, so consecutive connections do not share a lock.
@@ -113,10 +124,7 @@ impl Revocations {
         self.connections.shards[shard]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key, (peer.clone(), token.clone()));
-        if self.check(&peer).is_err() {
-            token.cancel();
-        }
+            .insert(key, (peer, token.clone()));
         ConnectionGuard {
             token,
             connections: self.connections.clone(),
@@ -203,8 +211,10 @@ mod tests {
         let err = r.check(&a).unwrap_err();
         assert_eq!(err.to_string(), "spiffe://td/agent/a is suspended");
 
-        // A connection from an inactive peer is cancelled as it is tracked.
+        // A connection from an inactive peer is cancelled as it is tracked, unless it is one
+        // whose every request is refused anyway.
         assert!(r.track(a.clone()).token().is_cancelled());
+        assert!(!r.track_changes(a.clone()).token().is_cancelled());
         // The same set again changes nothing new; reactivation lifts the refusal.
         assert!(
             r.apply(&registry(&[("a", WorkloadStatus::Suspended)]))

@@ -87,10 +87,11 @@ impl Applier {
             match self.identity.set_bundle(&pem) {
                 Ok(changed) => {
                     outcome.trust_bundle = changed;
-                    if changed && let Some(state) = &self.state {
-                        if let Err(e) = state.save_bundle(&pem) {
-                            tracing::error!(error = %e, "cannot persist the new trust bundle");
-                        }
+                    if changed
+                        && let Some(state) = &self.state
+                        && let Err(e) = state.save_bundle(&pem)
+                    {
+                        tracing::error!(error = %e, "cannot persist the new trust bundle");
                     }
                 }
                 Err(e) => tracing::error!(
@@ -162,8 +163,7 @@ impl Applier {
     }
 
     fn apply_registry(&self, registry: &Registry) {
-        let revocations = self.identity.revocations();
-        let newly = revocations.apply(registry);
+        let newly = self.identity.apply_registry(registry);
         let own = self.identity.current().svid.id.clone();
         for id in &newly {
             let status = registry

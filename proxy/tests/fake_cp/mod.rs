@@ -1,0 +1,382 @@
+//! An in-process stand-in for `mandate serve`, built from the wire types: enrolment by join token,
+//! renewal, the NDJSON push stream and decision ingest, over TLS 1.3 with its CA in the chain as the
+//! real one presents it. Enough of the contract to test the sidecar's side of it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use mandate_identity::ca::CertificateAuthority;
+use mandate_identity::csr::requested_id;
+use mandate_identity::svid::check_svid;
+use mandate_identity::{SpiffeId, TrustDomain};
+use mandate_wire::{
+    ApiError, DECISIONS_PATH, DecisionBatch, DecisionRecord, ENROLL_PATH, EnrollRequest,
+    IngestResult, IssuedIdentity, JoinToken, RENEW_PATH, RenewRequest, STREAM_PATH, SignedBundle,
+    StreamMessage,
+};
+use rustls::ServerConfig;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+
+pub const TD: &str = "mandate.local";
+
+type Resp = Response<BoxBody<Bytes, Infallible>>;
+
+/// What the fake has seen and will do.
+pub struct State {
+    pub ca: CertificateAuthority,
+    /// Join token secret hash → (SPIFFE ID, used).
+    tokens: Mutex<HashMap<String, (String, bool)>>,
+    /// Every request, as "METHOD path" (query included).
+    pub requests: Mutex<Vec<String>>,
+    streams: Mutex<Vec<mpsc::Sender<Bytes>>>,
+    /// Every line pushed so far; a new stream receives them all first.
+    history: Mutex<Vec<Bytes>>,
+    pub decisions: Mutex<Vec<DecisionRecord>>,
+    pub decision_posts: AtomicUsize,
+    /// Decision POSTs still to answer 503.
+    pub fail_decisions: AtomicUsize,
+    pub svid_ttl: Duration,
+}
+
+/// A running fake control plane.
+pub struct FakeControlPlane {
+    pub addr: SocketAddr,
+    pub state: Arc<State>,
+}
+
+pub fn td() -> TrustDomain {
+    TD.parse().unwrap()
+}
+
+pub fn ca_der(ca: &CertificateAuthority) -> Vec<u8> {
+    CertificateDer::from_pem_slice(ca.cert_pem().as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+impl FakeControlPlane {
+    /// Starts serving on a free port.
+    pub async fn start() -> Self {
+        let ca = CertificateAuthority::generate(td(), Duration::from_secs(86400)).unwrap();
+        Self::start_with(ca, Duration::from_secs(3600)).await
+    }
+
+    /// Starts serving with `ca`, issuing SVIDs valid for `svid_ttl`.
+    pub async fn start_with(ca: CertificateAuthority, svid_ttl: Duration) -> Self {
+        let id: SpiffeId = format!("spiffe://{TD}/control-plane").parse().unwrap();
+        let own = ca.issue(&id, Duration::from_secs(3600)).unwrap();
+        let chain = vec![
+            CertificateDer::from_pem_slice(own.cert_pem.as_bytes()).unwrap(),
+            CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).unwrap(),
+        ];
+        let key = PrivateKeyDer::from_pem_slice(own.key_pem.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(chain[1].clone()).unwrap();
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .allow_unauthenticated()
+                .build()
+                .unwrap();
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State {
+            ca,
+            tokens: Mutex::new(HashMap::new()),
+            requests: Mutex::new(Vec::new()),
+            streams: Mutex::new(Vec::new()),
+            history: Mutex::new(Vec::new()),
+            decisions: Mutex::new(Vec::new()),
+            decision_posts: AtomicUsize::new(0),
+            fail_decisions: AtomicUsize::new(0),
+            svid_ttl,
+        });
+        let s = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, state) = (acceptor.clone(), s.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let peer = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|leaf| check_svid(leaf, &td()).ok())
+                        .map(|svid| svid.id);
+                    let svc = hyper::service::service_fn(move |req| {
+                        let (state, peer) = (state.clone(), peer.clone());
+                        async move { Ok::<_, Infallible>(handle(&state, peer, req).await) }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, state }
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Registers `id` and returns its one-time join token.
+    pub fn token(&self, id: &str) -> JoinToken {
+        let token = JoinToken::generate(id, &ca_der(&self.state.ca));
+        self.state
+            .tokens
+            .lock()
+            .unwrap()
+            .insert(token.secret_hash(), (id.to_owned(), false));
+        token
+    }
+
+    /// How many requests went to `path`.
+    pub fn count(&self, path: &str) -> usize {
+        self.state
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.contains(path))
+            .count()
+    }
+
+    /// Open push streams.
+    pub fn streams(&self) -> usize {
+        let mut streams = self.state.streams.lock().unwrap();
+        streams.retain(|s| !s.is_closed());
+        streams.len()
+    }
+
+    /// Pushes one update line to every stream (and to streams opened later).
+    pub fn push(&self, message: &StreamMessage) {
+        let mut line = serde_json::to_vec(message).unwrap();
+        line.push(b'\n');
+        let line = Bytes::from(line);
+        self.state.history.lock().unwrap().push(line.clone());
+        for stream in self.state.streams.lock().unwrap().iter() {
+            let _ = stream.try_send(line.clone());
+        }
+    }
+
+    /// A bundle signed by this control plane's CA.
+    pub fn bundle(&self, version: u64, rego: &str, data: &str) -> SignedBundle {
+        sign_bundle(&self.state.ca, version, rego, data)
+    }
+
+    /// Decision records received.
+    pub fn decisions(&self) -> Vec<DecisionRecord> {
+        self.state.decisions.lock().unwrap().clone()
+    }
+}
+
+/// A bundle with one module `authz.rego`, signed by `ca`.
+pub fn sign_bundle(
+    ca: &CertificateAuthority,
+    version: u64,
+    rego: &str,
+    data: &str,
+) -> SignedBundle {
+    let modules = BTreeMap::from([("authz.rego".to_owned(), rego.to_owned())]);
+    SignedBundle::sign(version, modules, data.to_owned(), |i| ca.sign_bytes(i)).unwrap()
+}
+
+fn json(status: StatusCode, body: &impl serde::Serialize) -> Resp {
+    let mut resp = Response::new(Full::new(Bytes::from(serde_json::to_vec(body).unwrap())).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        "application/json".parse().unwrap(),
+    );
+    resp
+}
+
+fn error(status: StatusCode, error: &str) -> Resp {
+    json(
+        status,
+        &ApiError {
+            error: error.to_owned(),
+            field: None,
+            messages: vec![],
+        },
+    )
+}
+
+async fn body_of<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Resp> {
+    let bytes = req.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| error(StatusCode::BAD_REQUEST, &e.to_string()))
+}
+
+async fn handle(state: &State, peer: Option<SpiffeId>, req: Request<Incoming>) -> Resp {
+    let path = req.uri().path().to_owned();
+    let line = format!(
+        "{} {}",
+        req.method(),
+        req.uri().path_and_query().map_or("", |p| p.as_str())
+    );
+    state.requests.lock().unwrap().push(line);
+    match (req.method().clone(), path.as_str()) {
+        (Method::POST, ENROLL_PATH) => {
+            let enrol: EnrollRequest = match body_of(req).await {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            let Ok(token) = JoinToken::parse(&enrol.join_token) else {
+                return error(StatusCode::BAD_REQUEST, "join_token malformed");
+            };
+            let id = {
+                let mut tokens = state.tokens.lock().unwrap();
+                match tokens.get_mut(&token.secret_hash()) {
+                    None => return error(StatusCode::UNAUTHORIZED, "join token is not known"),
+                    Some((_, true)) => {
+                        return error(
+                            StatusCode::UNAUTHORIZED,
+                            "join token has already been used; issue a fresh one with `mandate agent token NAME`",
+                        );
+                    }
+                    Some((id, used)) => {
+                        *used = true;
+                        id.clone()
+                    }
+                }
+            };
+            issue(state, &id, &enrol.csr)
+        }
+        (Method::POST, RENEW_PATH) => {
+            let Some(peer) = peer else {
+                return error(StatusCode::UNAUTHORIZED, "a client certificate is required");
+            };
+            let renew: RenewRequest = match body_of(req).await {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            issue(state, peer.as_str(), &renew.csr)
+        }
+        (Method::GET, STREAM_PATH) => {
+            if peer.is_none() {
+                return error(StatusCode::UNAUTHORIZED, "a client certificate is required");
+            }
+            let (tx, rx) = mpsc::channel(64);
+            for line in state.history.lock().unwrap().iter() {
+                let _ = tx.try_send(line.clone());
+            }
+            state.streams.lock().unwrap().push(tx);
+            let mut resp = Response::new(ChannelBody(rx).boxed());
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                mandate_wire::NDJSON.parse().unwrap(),
+            );
+            resp
+        }
+        (Method::POST, DECISIONS_PATH) => {
+            if peer.is_none() {
+                return error(StatusCode::UNAUTHORIZED, "a client certificate is required");
+            }
+            state.decision_posts.fetch_add(1, Ordering::SeqCst);
+            let batch: DecisionBatch = match body_of(req).await {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            if state
+                .fail_decisions
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable");
+            }
+            let mut stored = state.decisions.lock().unwrap();
+            let mut result = IngestResult {
+                accepted: 0,
+                duplicates: 0,
+            };
+            for record in batch.decisions {
+                if stored.iter().any(|r| r.decision_id == record.decision_id) {
+                    result.duplicates += 1;
+                } else {
+                    result.accepted += 1;
+                    stored.push(record);
+                }
+            }
+            json(StatusCode::OK, &result)
+        }
+        _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
+    }
+}
+
+fn issue(state: &State, id: &str, csr: &str) -> Resp {
+    match requested_id(csr) {
+        Ok(asked) if asked == id => {}
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "csr must ask for the registered identity",
+            );
+        }
+    }
+    let spiffe_id: SpiffeId = id.parse().unwrap();
+    let certificate = state
+        .ca
+        .issue_for_csr(csr, &spiffe_id, state.svid_ttl)
+        .unwrap();
+    json(
+        StatusCode::OK,
+        &IssuedIdentity {
+            spiffe_id: id.to_owned(),
+            certificate,
+            trust_bundle: state.ca.cert_pem().to_owned(),
+            expires_at: 0,
+        },
+    )
+}
+
+/// A response body fed line by line through a channel.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|line| line.map(|l| Ok(Frame::data(l))))
+    }
+}
