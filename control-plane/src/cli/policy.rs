@@ -15,8 +15,16 @@ use super::table::{Table, clean, prefix};
 
 /// The data document a policy directory may carry next to its modules.
 const DATA_FILE: &str = "data.json";
-/// How much of a digest the list shows.
+/// How many hex digits of a digest the CLI shows.
 const DIGEST_PREFIX: usize = 12;
+
+/// `sha256:0123…` → its first [`DIGEST_PREFIX`] hex digits.
+fn short_digest(digest: &str) -> String {
+    clean(prefix(
+        digest.strip_prefix("sha256:").unwrap_or(digest),
+        DIGEST_PREFIX,
+    ))
+}
 
 /// Arguments of `mandate policy`: the server options (unused by `test`) and a verb.
 #[derive(Debug, Args)]
@@ -201,7 +209,7 @@ async fn push(client: &Client, body: &PushRequest, out: &mut impl Write) -> anyh
         s.version,
         body.modules.len(),
         s.tests_passed,
-        clean(prefix(&s.digest, DIGEST_PREFIX))
+        short_digest(&s.digest)
     )?;
     Ok(())
 }
@@ -225,7 +233,7 @@ async fn rollback(client: &Client, version: u64, out: &mut impl Write) -> anyhow
         out,
         "policy version {} (digest {}) is now active",
         s.version,
-        clean(prefix(&s.digest, DIGEST_PREFIX))
+        short_digest(&s.digest)
     )?;
     Ok(())
 }
@@ -241,7 +249,7 @@ pub fn list_table(bundles: &[BundleSummary], active: Option<u64>) -> String {
             b.version.to_string(),
             if is_active { "*" } else { "" }.to_owned(),
             b.created_at.clone(),
-            prefix(&b.digest, DIGEST_PREFIX).to_owned(),
+            short_digest(&b.digest),
             b.modules.len().to_string(),
             b.message.clone(),
         ]);
@@ -303,7 +311,7 @@ mod tests {
     #[test]
     fn the_list_marks_the_active_bundle_and_shortens_digests() {
         let bundles: Vec<BundleSummary> = serde_json::from_value(serde_json::json!([
-            {"version": 2, "digest": "0123456789abcdef0123", "created_at": "2026-01-02T00:00:00Z",
+            {"version": 2, "digest": "sha256:0123456789abcdef0123", "created_at": "2026-01-02T00:00:00Z",
              "message": "tighten", "modules": ["a.rego", "b.rego"], "tests_passed": 4, "active": false},
             {"version": 1, "digest": "fedcba9876543210fedc", "created_at": "2026-01-01T00:00:00Z",
              "message": "", "modules": ["a.rego"], "tests_passed": 2, "active": true}
