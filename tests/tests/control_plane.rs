@@ -5,9 +5,9 @@
 use std::time::{Duration, Instant};
 
 use mandate_e2e::apps::App;
-use mandate_e2e::client::{Http1, empty, proxy_get, proxy_request};
+use mandate_e2e::client::{Http1, empty, probe_inbound, proxy_get, proxy_request};
 use mandate_e2e::policy::{Denial, rego};
-use mandate_e2e::{ControlPlane, Sidecar, TestEnv, ensure_eq, eventually};
+use mandate_e2e::{ControlPlane, Sidecar, Svid, TestEnv, ensure_eq, eventually};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -45,7 +45,11 @@ fn policy_dir(env: &TestEnv, name: &str, module: &str, data: &str) -> anyhow::Re
 /// A tool (service/tool in front of `app`) and an agent (agent/research routed to it as `tool:8080`),
 /// both enrolled with the control plane by join token. They are live but not ready until a bundle
 /// arrives. Returns `(agent, tool)`.
-async fn managed_pair(env: &TestEnv, cp: &ControlPlane, app: &App) -> anyhow::Result<(Sidecar, Sidecar)> {
+async fn managed_pair(
+    env: &TestEnv,
+    cp: &ControlPlane,
+    app: &App,
+) -> anyhow::Result<(Sidecar, Sidecar)> {
     let tool_token = cp.register_service("tool").await?;
     let agent_token = cp
         .register_agent("research", r#"[{"host": "tool"}]"#)
@@ -56,20 +60,39 @@ async fn managed_pair(env: &TestEnv, cp: &ControlPlane, app: &App) -> anyhow::Re
         .app(app.addr())
         .spawn_live()
         .await?;
+    // The agent keeps its SVID in a state directory, where a test can read it back.
     let agent = env
         .sidecar("agent")
         .managed(cp, &agent_token)
         .route_to("tool:8080", &tool)
+        .arg("--state-dir")
+        .arg(agent_state(env).display().to_string())
         .spawn_live()
         .await?;
     Ok((agent, tool))
 }
 
+fn agent_state(env: &TestEnv) -> std::path::PathBuf {
+    env.dir().join("agent-state")
+}
+
+/// The SVID the control plane issued to the agent's sidecar, from its state directory.
+fn agent_svid(env: &TestEnv, agent: &Sidecar) -> anyhow::Result<Svid> {
+    let dir = agent_state(env);
+    Ok(Svid {
+        id: agent.id().to_owned(),
+        cert_pem: std::fs::read_to_string(dir.join("svid.pem"))?,
+        key_pem: std::fs::read_to_string(dir.join("svid-key.pem"))?,
+    })
+}
+
 async fn status_of(agent: &Sidecar, path: &str) -> anyhow::Result<u16> {
-    Ok(proxy_get(agent.outbound(), &format!("http://tool:8080{path}"), &[])
-        .await?
-        .status
-        .as_u16())
+    Ok(
+        proxy_get(agent.outbound(), &format!("http://tool:8080{path}"), &[])
+            .await?
+            .status
+            .as_u16(),
+    )
 }
 
 async fn wait_ready(sidecar: &Sidecar) -> anyhow::Result<()> {
@@ -90,7 +113,12 @@ async fn sidecars_enrol_by_join_token_deny_until_a_bundle_arrives_then_enforce_a
         // Enrolled, but no bundle yet: not ready, and every call denied.
         anyhow::ensure!(!agent.is_ready().await, "ready without a policy bundle");
         let resp = proxy_get(agent.outbound(), "http://tool:8080/allowed/x", &[]).await?;
-        ensure_eq!(resp.status, 403, "a call before any bundle: {}", resp.text());
+        ensure_eq!(
+            resp.status,
+            403,
+            "a call before any bundle: {}",
+            resp.text()
+        );
         ensure_eq!(app.request_count(), 0, "nothing reached the app");
 
         let (module, data) = policy("/allowed");
@@ -104,7 +132,11 @@ async fn sidecars_enrol_by_join_token_deny_until_a_bundle_arrives_then_enforce_a
         ensure_eq!(allowed.status, 200, "allowed call: {}", allowed.text());
         let denied = proxy_get(agent.outbound(), "http://tool:8080/secret", &[]).await?;
         let denial = Denial::parse(&denied)?;
-        ensure_eq!(denial.policy_version.as_deref(), Some("1"), "the bundle version decided");
+        ensure_eq!(
+            denial.policy_version.as_deref(),
+            Some("1"),
+            "the bundle version decided"
+        );
 
         // The tool saw the agent's identity, proved by the SVID the control plane issued.
         let seen = app.seen();
@@ -117,11 +149,15 @@ async fn sidecars_enrol_by_join_token_deny_until_a_bundle_arrives_then_enforce_a
         // Both decisions reach the control plane and `mandate audit query` finds them.
         eventually(PUSH, "decisions in the audit log", || async {
             let records = cp.audit(&["--agent", "research"]).await?;
-            Ok(records.iter().any(|r| r["decision_id"] == denial.decision_id.as_str())
+            Ok(records
+                .iter()
+                .any(|r| r["decision_id"] == denial.decision_id.as_str())
                 && records.iter().any(|r| r["allow"] == true))
         })
         .await?;
-        let denials = cp.audit(&["--agent", "research", "--result", "deny"]).await?;
+        let denials = cp
+            .audit(&["--agent", "research", "--result", "deny"])
+            .await?;
         anyhow::ensure!(
             !denials.is_empty() && denials.iter().all(|r| r["allow"] == false),
             "--result deny filters: {denials:?}"
@@ -137,16 +173,22 @@ async fn a_join_token_works_once() {
     env.run(LIMIT, async {
         let cp = env.control_plane("cp").spawn().await?;
         let token = cp.register_agent("research", "[]").await?;
-        let _first = env.sidecar("first").managed(&cp, &token).spawn_live().await?;
+        let _first = env
+            .sidecar("first")
+            .managed(&cp, &token)
+            .spawn_live()
+            .await?;
 
         let mut second = env
             .sidecar("second")
             .managed(&cp, &token)
             .spawn_unwaited()
             .await?;
-        eventually(PUSH, "the second sidecar gives up on the used token", || async {
-            Ok(second.logs().to_ascii_lowercase().contains("used"))
-        })
+        eventually(
+            PUSH,
+            "the second sidecar gives up on the used token",
+            || async { Ok(second.logs().to_ascii_lowercase().contains("used")) },
+        )
         .await?;
         anyhow::ensure!(
             !second.is_ready().await,
@@ -172,9 +214,18 @@ async fn policy_versions_reach_sidecars_broken_ones_are_refused_and_rollback_res
         ensure_eq!(status_of(&agent, "/other").await?, 403, "v1 denies /other");
 
         // A bundle that does not compile is refused with the compiler's words; v1 stays.
-        let broken = policy_dir(&env, "broken", "package mandate.authz\n\ndecision := {\n", "{}")?;
+        let broken = policy_dir(
+            &env,
+            "broken",
+            "package mandate.authz\n\ndecision := {\n",
+            "{}",
+        )?;
         let out = cp.cli(&["policy", "push", &broken]).await?;
-        anyhow::ensure!(!out.success, "a broken bundle was accepted:\n{}", out.stdout);
+        anyhow::ensure!(
+            !out.success,
+            "a broken bundle was accepted:\n{}",
+            out.stdout
+        );
         anyhow::ensure!(
             out.stderr.contains("authz.rego") || out.stdout.contains("authz.rego"),
             "the refusal names the module:\n{}{}",
@@ -185,9 +236,7 @@ async fn policy_versions_reach_sidecars_broken_ones_are_refused_and_rollback_res
         let failing = policy_dir(
             &env,
             "failing",
-            &format!(
-                "{module}\ntest_always_fails if {{\n\tfalse\n}}\n"
-            ),
+            &format!("{module}\ntest_always_fails if {{\n\tfalse\n}}\n"),
             &data,
         )?;
         let out = cp.cli(&["policy", "push", &failing]).await?;
@@ -198,7 +247,11 @@ async fn policy_versions_reach_sidecars_broken_ones_are_refused_and_rollback_res
             out.stdout,
             out.stderr
         );
-        ensure_eq!(status_of(&agent, "/allowed").await?, 200, "v1 still enforced");
+        ensure_eq!(
+            status_of(&agent, "/allowed").await?,
+            200,
+            "v1 still enforced"
+        );
         ensure_eq!(status_of(&agent, "/other").await?, 403, "v1 still enforced");
 
         // v2 widens the prefix: the decision changes once the push arrives.
@@ -252,30 +305,60 @@ async fn revoking_an_agent_denies_its_calls_within_a_second_and_cuts_its_connect
             ensure_eq!(resp.status, 200, "calls before the revocation");
         }
 
+        // The agent's certificate opens the tool's sidecar while the agent is active…
+        let svid = agent_svid(&env, &agent)?;
+        let probe = probe_inbound(tool.inbound(), Some(&svid)).await?;
+        anyhow::ensure!(
+            probe.got_http_response(),
+            "the active agent's SVID is accepted: {probe:?}"
+        );
+
         cp.cli_ok(&["agent", "revoke", "research"]).await?;
         let revoked_at = Instant::now();
 
-        // Within a second: the open connection is closed, or its next call is denied.
+        // Within a second its calls stop being allowed, and the open connection is closed.
         let mut denied_after = None;
-        while revoked_at.elapsed() < Duration::from_secs(3) {
+        let mut closed_after = None;
+        while revoked_at.elapsed() < Duration::from_secs(3) && closed_after.is_none() {
             match conn
                 .fetch(proxy_request("GET", "http://tool:8080/stream").body(empty())?)
                 .await
             {
-                Ok(resp) if resp.status == 200 => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok(resp) if resp.status == 200 => {}
+                Ok(_) => {
+                    denied_after.get_or_insert(revoked_at.elapsed());
                 }
-                _ => {
-                    denied_after = Some(revoked_at.elapsed());
-                    break;
+                Err(_) => {
+                    denied_after.get_or_insert(revoked_at.elapsed());
+                    closed_after = Some(revoked_at.elapsed());
                 }
             }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let took = denied_after.ok_or_else(|| anyhow::anyhow!("still allowed 3 s after revoke"))?;
+        let denied =
+            denied_after.ok_or_else(|| anyhow::anyhow!("still allowed 3 s after revoke"))?;
         anyhow::ensure!(
-            took <= Duration::from_secs(1),
-            "the revoked agent's calls went on for {took:?} (target ≤ 1 s)"
+            denied <= Duration::from_secs(1),
+            "the revoked agent's calls went on for {denied:?} (target ≤ 1 s)"
         );
+        let closed = closed_after.ok_or_else(|| {
+            anyhow::anyhow!("the agent's open connection was not closed within 3 s")
+        })?;
+        anyhow::ensure!(
+            closed <= Duration::from_secs(1),
+            "the revoked agent's open connection was closed only after {closed:?} (target ≤ 1 s)"
+        );
+        // …and is refused in the handshake once it is revoked.
+        let probe = probe_inbound(tool.inbound(), Some(&svid)).await?;
+        anyhow::ensure!(
+            !probe.got_http_response(),
+            "the tool's sidecar still accepts the revoked agent's certificate: {probe:?}"
+        );
+        let refused = tool.metrics().await?.sum(
+            "mandate_tls_handshake_failures_total",
+            &[("reason", "revoked")],
+        );
+        anyhow::ensure!(refused >= 1.0, "the refusal is counted as reason=revoked");
         // A new call is denied, naming the revocation.
         let resp = proxy_get(agent.outbound(), "http://tool:8080/after", &[]).await?;
         ensure_eq!(resp.status, 403, "a call after revocation: {}", resp.text());
@@ -286,7 +369,10 @@ async fn revoking_an_agent_denies_its_calls_within_a_second_and_cuts_its_connect
         );
         // The tool's sidecar counts the refused certificate if the agent tries a handshake again.
         let shown = cp.cli_ok(&["agent", "show", "research"]).await?;
-        anyhow::ensure!(shown.contains("revoked"), "agent show says revoked:\n{shown}");
+        anyhow::ensure!(
+            shown.contains("revoked"),
+            "agent show says revoked:\n{shown}"
+        );
         Ok(())
     })
     .await;
@@ -306,25 +392,40 @@ async fn sidecars_keep_enforcing_without_the_control_plane_and_resync_when_it_re
 
         cp.kill().await?;
         for _ in 0..3 {
-            ensure_eq!(status_of(&agent, "/allowed").await?, 200, "allowed while away");
+            ensure_eq!(
+                status_of(&agent, "/allowed").await?,
+                200,
+                "allowed while away"
+            );
             ensure_eq!(status_of(&agent, "/other").await?, 403, "denied while away");
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        anyhow::ensure!(agent.is_ready().await, "the last good bundle keeps it ready");
+        anyhow::ensure!(
+            agent.is_ready().await,
+            "the last good bundle keeps it ready"
+        );
 
         cp.restart().await?;
         let (module2, data2) = policy("/");
         cp.cli_ok(&["policy", "push", &policy_dir(&env, "v2", &module2, &data2)?])
             .await?;
-        eventually(Duration::from_secs(30), "the sidecar resyncs after the restart", || async {
-            Ok(status_of(&agent, "/other").await? == 200)
-        })
+        eventually(
+            Duration::from_secs(30),
+            "the sidecar resyncs after the restart",
+            || async { Ok(status_of(&agent, "/other").await? == 200) },
+        )
         .await?;
         // Decisions taken while the control plane was away arrive after it returns.
-        eventually(PUSH, "decisions from the outage in the audit log", || async {
-            let records = cp.audit(&["--agent", "research", "--result", "deny"]).await?;
-            Ok(records.len() >= 3)
-        })
+        eventually(
+            PUSH,
+            "decisions from the outage in the audit log",
+            || async {
+                let records = cp
+                    .audit(&["--agent", "research", "--result", "deny"])
+                    .await?;
+                Ok(records.len() >= 3)
+            },
+        )
         .await?;
         Ok(())
     })
