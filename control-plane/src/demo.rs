@@ -1419,17 +1419,27 @@ mod tests {
     }
 
     #[test]
-    fn demo_registry_gives_research_the_documented_ceiling() {
-        let data = demo_data();
-        let research = &data["registry"]["agents"]["research"];
-        assert_eq!(research["status"], "active");
-        assert_eq!(research["owner"], "alice@example.com");
+    fn research_is_registered_with_the_documented_ceiling() {
+        let ceiling: Value = serde_json::from_str(CEILING).unwrap();
         assert_eq!(
-            research["ceiling"],
+            ceiling,
             json!([
                 {"host": "tool", "tool": "search"},
                 {"host": "tool", "method": "GET", "path": "/v1/*"},
             ])
+        );
+    }
+
+    #[test]
+    fn join_tokens_are_found_in_what_register_printed_and_shown_shortened() {
+        let printed = "registered agent research\n  Join token (secret):\n    mjt1.aaa.bbb.ccc\n";
+        let token = operator::join_token_in(printed).unwrap();
+        assert_eq!(token, "mjt1.aaa.bbb.ccc");
+        assert!(operator::join_token_in("no token here").is_err());
+        let shown = shorten("mjt1.c3BpZmZlOi8vbWFuZGF0ZS5sb2NhbC9hZ2VudC9yZXNlYXJjaA.secret");
+        assert!(
+            shown.starts_with("mjt1.c3BpZmZ") && !shown.contains("secret."),
+            "{shown}"
         );
     }
 
