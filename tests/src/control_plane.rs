@@ -156,7 +156,10 @@ impl ControlPlane {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                bail!("{}: /readyz did not answer 200 within {READY_TIMEOUT:?}", self.name);
+                bail!(
+                    "{}: /readyz did not answer 200 within {READY_TIMEOUT:?}",
+                    self.name
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -41,7 +41,10 @@ async fn two_replicas_on_postgresql_share_registry_policy_revocations_and_decisi
         let tool_token = two.register_service("tool").await?;
         let agent_token = one.register_agent("research", "[]").await?;
         let listed = two.cli_ok(&["agent", "list"]).await?;
-        anyhow::ensure!(listed.contains("research"), "replica 2 lists replica 1's agent:\n{listed}");
+        anyhow::ensure!(
+            listed.contains("research"),
+            "replica 2 lists replica 1's agent:\n{listed}"
+        );
 
         let app = App::start().await?;
         let tool = env
@@ -61,10 +64,13 @@ async fn two_replicas_on_postgresql_share_registry_policy_revocations_and_decisi
         let dir = env.dir().join("bundle");
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("authz.rego"), rego(POLICY))?;
-        two.cli_ok(&["policy", "push", &dir.display().to_string()]).await?;
-        eventually(Duration::from_secs(10), "agent ready with replica 2's bundle", || async {
-            Ok(agent.is_ready().await)
-        })
+        two.cli_ok(&["policy", "push", &dir.display().to_string()])
+            .await?;
+        eventually(
+            Duration::from_secs(10),
+            "agent ready with replica 2's bundle",
+            || async { Ok(agent.is_ready().await) },
+        )
         .await?;
         let resp = proxy_get(agent.outbound(), "http://tool:8080/x", &[]).await?;
         ensure_eq!(resp.status, 200, "allowed call: {}", resp.text());
@@ -72,9 +78,16 @@ async fn two_replicas_on_postgresql_share_registry_policy_revocations_and_decisi
         // Revoked through replica 2; the agent's sidecar hears it through replica 1 within a second.
         two.cli_ok(&["agent", "revoke", "research"]).await?;
         let revoked_at = Instant::now();
-        eventually(Duration::from_secs(5), "the revocation crosses replicas", || async {
-            Ok(proxy_get(agent.outbound(), "http://tool:8080/x", &[]).await?.status == 403)
-        })
+        eventually(
+            Duration::from_secs(5),
+            "the revocation crosses replicas",
+            || async {
+                Ok(proxy_get(agent.outbound(), "http://tool:8080/x", &[])
+                    .await?
+                    .status
+                    == 403)
+            },
+        )
         .await?;
         let took = revoked_at.elapsed();
         anyhow::ensure!(
@@ -83,10 +96,15 @@ async fn two_replicas_on_postgresql_share_registry_policy_revocations_and_decisi
         );
 
         // Decisions sent to replica 1 are queryable through replica 2.
-        eventually(Duration::from_secs(10), "decisions visible on the other replica", || async {
-            let records = two.audit(&["--agent", "research"]).await?;
-            Ok(records.iter().any(|r| r["allow"] == true) && records.iter().any(|r| r["allow"] == false))
-        })
+        eventually(
+            Duration::from_secs(10),
+            "decisions visible on the other replica",
+            || async {
+                let records = two.audit(&["--agent", "research"]).await?;
+                Ok(records.iter().any(|r| r["allow"] == true)
+                    && records.iter().any(|r| r["allow"] == false))
+            },
+        )
         .await?;
         drop(pg);
         Ok(())
