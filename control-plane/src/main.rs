@@ -35,6 +35,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Work with Rego policies: push bundles to the control plane, list, roll back, test locally.
     Policy(cli::policy::PolicyArgs),
+    /// Run the control plane: registry, CA, policy bundles, push to sidecars, decision ingest, API.
+    Serve(mandate_control_plane::config::ServeArgs),
     /// Register and manage services (tools, APIs) in the control plane's registry.
     Service(cli::workload::WorkloadArgs),
 }
@@ -126,6 +128,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => demo::run(args).context("demo failed"),
+        Command::Serve(args) => {
+            mandate_control_plane::serve::run(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Policy(args) => cli::policy::main(args),
         Command::Agent(args) => cli::workload::main(cli::workload::Kind::Agent, args),
         Command::Service(args) => cli::workload::main(cli::workload::Kind::Service, args),

@@ -1,0 +1,380 @@
+//! `mandate serve`'s configuration: flags (and `MANDATE_*` environment variables), validated into a
+//! [`ServeConfig`] whose errors name the flag at fault.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use clap::Args;
+use mandate_identity::TrustDomain;
+
+use crate::ca::StoreKey;
+use crate::store::StoreLocation;
+
+/// Environment variable carrying the store key (base64 of 32 bytes); `--store-key-file` wins.
+pub const STORE_KEY_ENV: &str = "MANDATE_STORE_KEY";
+/// Environment variable carrying the admin token; `--admin-token-file` wins.
+pub const ADMIN_TOKEN_ENV: &str = "MANDATE_ADMIN_TOKEN";
+/// The SQLite database inside the data directory.
+pub const DATABASE_FILE: &str = "mandate.db";
+/// The generated store key inside the data directory (SQLite only).
+pub const STORE_KEY_FILE: &str = "store.key";
+/// The generated admin token inside the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+/// The trust bundle written into the data directory.
+pub const CA_FILE: &str = "ca.pem";
+/// Shortest admin token accepted: anything shorter is guessable.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
+/// Shortest SVID lifetime: renewal at half-life must leave the sidecar time to act.
+const MIN_SVID_TTL: Duration = Duration::from_secs(60);
+/// Longest SVID lifetime: short-lived certificates are the point (the CA lives ten years).
+const MAX_SVID_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Flags of `mandate serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Directory for the SQLite database, ca.pem, a generated store.key and admin-token.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "MANDATE_DATA_DIR",
+        default_value = "./mandate-data"
+    )]
+    pub data_dir: PathBuf,
+    /// PostgreSQL URL (postgres://…) instead of SQLite; replicas sharing it see each other's changes.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "MANDATE_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
+    /// Trust domain of the identities issued (must match the CA's when one is already stored).
+    #[arg(
+        long,
+        value_name = "TD",
+        env = "MANDATE_TRUST_DOMAIN",
+        default_value = "mandate.local"
+    )]
+    pub trust_domain: TrustDomain,
+    /// Address of the API listener (TLS 1.3; client certificates optional).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "MANDATE_LISTEN",
+        default_value = "0.0.0.0:15012"
+    )]
+    pub listen: SocketAddr,
+    /// Address of the plain-HTTP /metrics, /healthz and /readyz listener.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "MANDATE_METRICS",
+        default_value = "127.0.0.1:15014"
+    )]
+    pub metrics: SocketAddr,
+    /// File holding the store key (base64 of 32 bytes) that encrypts the CA key [env: MANDATE_STORE_KEY].
+    #[arg(long, value_name = "FILE", env = "MANDATE_STORE_KEY_FILE")]
+    pub store_key_file: Option<PathBuf>,
+    /// File holding the admin token for the admin API [env: MANDATE_ADMIN_TOKEN].
+    #[arg(long, value_name = "FILE", env = "MANDATE_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Lifetime of the SVIDs issued to sidecars (and to this replica), e.g. 1h.
+    #[arg(long, value_name = "DURATION", env = "MANDATE_SVID_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub svid_ttl: Duration,
+    /// How long a join token stays redeemable, e.g. 1h.
+    #[arg(long, value_name = "DURATION", env = "MANDATE_JOIN_TOKEN_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub join_token_ttl: Duration,
+}
+
+/// Parses `90s`, `15m`, `1h`, … refusing zero.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (use a duration such as 90s, 15m or 1h)"))?;
+    if d.is_zero() {
+        return Err("must be longer than zero".to_owned());
+    }
+    Ok(d)
+}
+
+/// Why the configuration is unusable; each names the flag or variable at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--database-url` is not a PostgreSQL URL.
+    #[error("--database-url must be a postgres:// or postgresql:// URL")]
+    DatabaseUrl,
+    /// PostgreSQL without a store key.
+    #[error(
+        "--database-url needs a store key shared by every replica: set {STORE_KEY_ENV} or --store-key-file"
+    )]
+    StoreKeyRequired,
+    /// The store key is not base64 of 32 bytes.
+    #[error(
+        "{source_name}: the store key must be base64 of exactly 32 bytes (e.g. `openssl rand -base64 32`)"
+    )]
+    StoreKey {
+        /// The flag or variable it came from.
+        source_name: String,
+    },
+    /// The admin token is too short or empty.
+    #[error("{source_name}: the admin token must be at least {MIN_ADMIN_TOKEN_LEN} characters")]
+    AdminToken {
+        /// The flag or variable it came from.
+        source_name: String,
+    },
+    /// A file named by a flag cannot be read.
+    #[error("{flag} {path}")]
+    Read {
+        /// The flag.
+        flag: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// `--svid-ttl` out of range.
+    #[error("--svid-ttl must be between 1m and 30d")]
+    SvidTtl,
+    /// `--listen` and `--metrics` are the same address.
+    #[error("--listen and --metrics must be different addresses")]
+    SameAddress,
+}
+
+/// Where the store key comes from.
+#[derive(Debug)]
+pub enum StoreKeySource {
+    /// Given by flag or environment.
+    Given(StoreKey),
+    /// Read from `<data-dir>/store.key`, generated there when absent (SQLite only).
+    DataDir(PathBuf),
+}
+
+/// Where the admin token comes from.
+#[derive(Debug)]
+pub enum AdminTokenSource {
+    /// Given by flag or environment.
+    Given(AdminToken),
+    /// Read from `<data-dir>/admin-token`, generated there when absent.
+    DataDir(PathBuf),
+}
+
+/// The admin token. `Debug` never shows it.
+#[derive(Clone)]
+pub struct AdminToken(String);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
+}
+
+impl AdminToken {
+    /// Wraps a token read from a flag, a variable or a file (surrounding whitespace ignored).
+    pub fn new(text: &str, source_name: &str) -> Result<Self, ConfigError> {
+        let token = text.trim();
+        if token.len() < MIN_ADMIN_TOKEN_LEN || token.chars().any(|c| c.is_control()) {
+            return Err(ConfigError::AdminToken {
+                source_name: source_name.to_owned(),
+            });
+        }
+        Ok(Self(token.to_owned()))
+    }
+
+    /// The token's text. Secret: compare it, never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The validated configuration of `mandate serve`.
+#[derive(Debug)]
+pub struct ServeConfig {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// The store.
+    pub store: StoreLocation,
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// API listener.
+    pub listen: SocketAddr,
+    /// Metrics listener.
+    pub metrics: SocketAddr,
+    /// Store key source.
+    pub store_key: StoreKeySource,
+    /// Admin token source.
+    pub admin_token: AdminTokenSource,
+    /// SVID lifetime.
+    pub svid_ttl: Duration,
+    /// Join token lifetime.
+    pub join_token_ttl: Duration,
+}
+
+impl ServeConfig {
+    /// Validates `args`, reading secrets from the files they name or from `env` (the process
+    /// environment in production; a map in tests).
+    pub fn from_args(
+        args: ServeArgs,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let store = match &args.database_url {
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                StoreLocation::Postgres(url.clone())
+            }
+            Some(_) => return Err(ConfigError::DatabaseUrl),
+            None => StoreLocation::Sqlite(args.data_dir.join(DATABASE_FILE)),
+        };
+        let store_key = match (&args.store_key_file, env(STORE_KEY_ENV)) {
+            (Some(path), _) => {
+                let text = read_secret("--store-key-file", path)?;
+                StoreKeySource::Given(parse_store_key(&text, "--store-key-file")?)
+            }
+            (None, Some(text)) => StoreKeySource::Given(parse_store_key(&text, STORE_KEY_ENV)?),
+            (None, None) if matches!(store, StoreLocation::Postgres(_)) => {
+                return Err(ConfigError::StoreKeyRequired);
+            }
+            (None, None) => StoreKeySource::DataDir(args.data_dir.join(STORE_KEY_FILE)),
+        };
+        let admin_token = match (&args.admin_token_file, env(ADMIN_TOKEN_ENV)) {
+            (Some(path), _) => {
+                let text = read_secret("--admin-token-file", path)?;
+                AdminTokenSource::Given(AdminToken::new(&text, "--admin-token-file")?)
+            }
+            (None, Some(text)) => AdminTokenSource::Given(AdminToken::new(&text, ADMIN_TOKEN_ENV)?),
+            (None, None) => AdminTokenSource::DataDir(args.data_dir.join(ADMIN_TOKEN_FILE)),
+        };
+        if !(MIN_SVID_TTL..=MAX_SVID_TTL).contains(&args.svid_ttl) {
+            return Err(ConfigError::SvidTtl);
+        }
+        if args.listen == args.metrics {
+            return Err(ConfigError::SameAddress);
+        }
+        Ok(Self {
+            data_dir: args.data_dir,
+            store,
+            trust_domain: args.trust_domain,
+            listen: args.listen,
+            metrics: args.metrics,
+            store_key,
+            admin_token,
+            svid_ttl: args.svid_ttl,
+            join_token_ttl: args.join_token_ttl,
+        })
+    }
+}
+
+fn read_secret(flag: &'static str, path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        flag,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Decodes a base64 store key (surrounding whitespace ignored); errors name `source_name`.
+pub fn parse_store_key(text: &str, source_name: &str) -> Result<StoreKey, ConfigError> {
+    let error = || ConfigError::StoreKey {
+        source_name: source_name.to_owned(),
+    };
+    let bytes: [u8; 32] = STANDARD
+        .decode(text.trim())
+        .map_err(|_| error())?
+        .try_into()
+        .map_err(|_| error())?;
+    Ok(StoreKey::from_bytes(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn args(extra: &[&str]) -> ServeArgs {
+        let mut argv = vec!["serve"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).unwrap().serve
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn defaults_are_sqlite_in_the_data_dir_with_generated_secrets() {
+        let config = ServeConfig::from_args(args(&[]), no_env).unwrap();
+        assert!(
+            matches!(&config.store, StoreLocation::Sqlite(p) if p == Path::new("./mandate-data/mandate.db"))
+        );
+        assert!(matches!(config.store_key, StoreKeySource::DataDir(_)));
+        assert!(matches!(config.admin_token, AdminTokenSource::DataDir(_)));
+        assert_eq!(config.listen.port(), 15012);
+        assert_eq!(config.metrics.port(), 15014);
+        assert_eq!(config.svid_ttl, Duration::from_secs(3600));
+        assert_eq!(config.trust_domain.as_str(), "mandate.local");
+    }
+
+    #[test]
+    fn errors_name_the_flag_or_variable() {
+        let err = |argv: &[&str], env: &dyn Fn(&str) -> Option<String>| {
+            ServeConfig::from_args(args(argv), env)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(&["--database-url", "mysql://x"], &no_env).contains("--database-url"));
+        assert!(err(&["--database-url", "postgres://x"], &no_env).contains("MANDATE_STORE_KEY"));
+        let short_key = |k: &str| (k == STORE_KEY_ENV).then(|| STANDARD.encode([1u8; 16]));
+        assert!(err(&[], &short_key).contains("MANDATE_STORE_KEY: the store key must be"));
+        let short_token = |k: &str| (k == ADMIN_TOKEN_ENV).then(|| "short".to_owned());
+        assert!(err(&[], &short_token).contains("MANDATE_ADMIN_TOKEN"));
+        assert!(err(&["--svid-ttl", "10s"], &no_env).contains("--svid-ttl"));
+        assert!(
+            err(&["--admin-token-file", "/nonexistent/x"], &no_env).contains("--admin-token-file")
+        );
+        assert!(
+            err(
+                &["--listen", "127.0.0.1:1", "--metrics", "127.0.0.1:1"],
+                &no_env
+            )
+            .contains("--listen")
+        );
+    }
+
+    #[test]
+    fn secrets_come_from_files_before_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k");
+        std::fs::write(&key, format!("{}\n", STANDARD.encode([7u8; 32]))).unwrap();
+        let token = dir.path().join("t");
+        std::fs::write(&token, "0123456789abcdef0123\n").unwrap();
+        let env = |k: &str| match k {
+            STORE_KEY_ENV => Some("not base64!".to_owned()),
+            ADMIN_TOKEN_ENV => Some("x".to_owned()),
+            _ => None,
+        };
+        let config = ServeConfig::from_args(
+            args(&[
+                "--store-key-file",
+                key.to_str().unwrap(),
+                "--admin-token-file",
+                token.to_str().unwrap(),
+                "--database-url",
+                "postgresql://db/mandate",
+            ]),
+            env,
+        )
+        .unwrap();
+        assert!(matches!(config.store_key, StoreKeySource::Given(_)));
+        let AdminTokenSource::Given(t) = config.admin_token else {
+            panic!("token from file");
+        };
+        assert_eq!(t.expose(), "0123456789abcdef0123");
+        assert!(!format!("{t:?}").contains("0123"));
+    }
+}
