@@ -28,7 +28,7 @@ enum Command {
     Agent(cli::workload::WorkloadArgs),
     /// Search the decisions sidecars reported to the control plane.
     Audit(cli::audit::AuditArgs),
-    /// Manage a file-based certificate authority for standalone sidecars.
+    /// Certificate authorities: a file-based one for standalone sidecars, or import one into the control plane.
     #[command(subcommand)]
     Ca(CaCommand),
     /// Run a self-contained demo: a tool and an agent, each behind a sidecar, talking over mTLS.
@@ -48,6 +48,8 @@ enum CaCommand {
     Init(CaInitArgs),
     /// Issue an X.509-SVID: OUTDIR/NAME.pem and OUTDIR/NAME-key.pem (mode 0600).
     Issue(CaIssueArgs),
+    /// Import an existing CA into the control plane's store (key sealed with the store key); no server needed.
+    Import(cli::ca_import::ImportArgs),
 }
 
 /// Arguments of `mandate ca init`.
@@ -114,6 +116,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("  private key (mode 0600):    {}", files.key.display());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Ca(CaCommand::Import(args)) => cli::ca_import::main(args),
         Command::Ca(CaCommand::Issue(args)) => {
             let files = ca_cli::issue(&args.dir, &args.id, args.out.as_deref(), args.ttl)?;
             let not_after = SystemTime::UNIX_EPOCH

@@ -5,6 +5,7 @@
 //! runtime: a CLI call is a handful of sequential requests.
 
 pub mod audit;
+pub mod ca_import;
 pub mod client;
 pub mod policy;
 pub mod table;
