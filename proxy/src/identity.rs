@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use mandate_identity::TrustDomain;
 use mandate_identity::svid::{Svid, SvidError, check_svid};
+use mandate_identity::tls::{PemRootsError, roots_from_pem};
 use rustls::client::verify_server_cert_signed_by_trust_anchor;
 use rustls::server::ParsedCertificate;
 use rustls::sign::CertifiedKey;
@@ -254,13 +255,10 @@ pub fn parse_roots(bundle: &str, origin: &str) -> Result<RootCertStore, Identity
         origin: origin.to_owned(),
         why,
     };
-    let mut roots = RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
-        let ca = ca.map_err(|e| pem_err(format!("bad PEM: {e}")))?;
-        roots
-            .add(ca)
-            .map_err(|e| pem_err(format!("unusable CA certificate: {e}")))?;
-    }
+    let roots = roots_from_pem(bundle.as_bytes()).map_err(|e| match e {
+        PemRootsError::Pem(e) => pem_err(format!("bad PEM: {e}")),
+        PemRootsError::Unusable(e) => pem_err(format!("unusable CA certificate: {e}")),
+    })?;
     if roots.is_empty() {
         return Err(pem_err("no CERTIFICATE block".into()));
     }

@@ -2,6 +2,7 @@
 //! pin on first contact, by the trust bundle afterwards, and always by its SPIFFE ID), and HTTP/2
 //! (or HTTP/1.1, whichever ALPN picks) requests over it.
 
+use std::borrow::Cow;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,17 +14,11 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use mandate_identity::svid::check_svid;
+use mandate_identity::tls::{SpiffePeer, SpiffeServerVerifier, TrustAnchors, certificate_error};
 use mandate_identity::{SpiffeId, TrustDomain};
 use mandate_wire::{ApiError, CONTROL_PLANE_PATH, JoinToken};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::verify_server_cert_signed_by_trust_anchor;
-use rustls::server::ParsedCertificate;
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore,
-    SignatureScheme,
-};
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, ClientConfig, OtherError, RootCertStore};
+use rustls_pki_types::{CertificateDer, ServerName};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpStream;
@@ -145,11 +140,10 @@ impl ControlPlaneClient {
                 Some(identity.resolver.clone()),
             ),
         };
-        let verifier = Arc::new(ControlPlaneVerifier {
-            trust_domain: self.trust_domain.clone(),
-            expected: self.expected.clone(),
-            anchor,
-        });
+        // The pin or bundle first, then the SVID rules and the control plane's SPIFFE ID, then
+        // the chain.
+        let peer = SpiffePeer::new(self.trust_domain.clone()).exactly(self.expected.clone());
+        let verifier = Arc::new(SpiffeServerVerifier::new(peer, anchor));
         let builder = ClientConfig::builder_with_provider(PROVIDER.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous() // the control plane is identified by its SPIFFE ID, checked by the verifier
@@ -180,11 +174,9 @@ impl ControlPlaneClient {
             let tls = TlsConnector::from(config)
                 .connect(self.server_name.clone(), tcp)
                 .await
-                .map_err(|source| match cert_error(&source) {
-                    Some(ControlPlaneCertError::PinMismatch) => {
-                        ClientError::PinMismatch(addr.clone())
-                    }
-                    _ => ClientError::Tls {
+                .map_err(|source| match is_pin_mismatch(&source) {
+                    true => ClientError::PinMismatch(addr.clone()),
+                    false => ClientError::Tls {
                         addr: addr.clone(),
                         source,
                     },
@@ -325,30 +317,25 @@ pub fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
     ClientError::Api { status, error }
 }
 
-/// Why the control plane's certificate was refused, beyond webpki's own reasons.
+/// No certificate in the server's chain matches the join token's pin.
 #[derive(Debug, thiserror::Error)]
-enum ControlPlaneCertError {
-    /// No certificate in the chain matches the join token's pin.
-    #[error("no CA certificate in the chain matches the join token's pin")]
-    PinMismatch,
-    /// A valid SVID, but not the control plane's.
-    #[error("presented {presented}, but the control plane is {expected}")]
-    WrongIdentity { presented: String, expected: String },
-}
+#[error("no CA certificate in the chain matches the join token's pin")]
+struct PinMismatch;
 
-fn cert_error(err: &io::Error) -> Option<&ControlPlaneCertError> {
-    match err.get_ref()?.downcast_ref::<rustls::Error>()? {
-        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(e))) => {
-            e.downcast_ref::<ControlPlaneCertError>()
+fn is_pin_mismatch(err: &io::Error) -> bool {
+    match err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(e)))) => {
+            e.downcast_ref::<PinMismatch>().is_some()
         }
-        _ => None,
+        _ => false,
     }
 }
 
-fn refuse(e: ControlPlaneCertError) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
-}
-
+/// What the control plane's chain must reach.
+#[derive(Debug)]
 enum Anchor {
     /// Trust the CA certificate in the server's chain whose SHA-256 the token pins.
     Pin(JoinToken),
@@ -356,94 +343,22 @@ enum Anchor {
     Roots(Arc<RootCertStore>),
 }
 
-struct ControlPlaneVerifier {
-    trust_domain: TrustDomain,
-    expected: SpiffeId,
-    anchor: Anchor,
-}
-
-impl std::fmt::Debug for ControlPlaneVerifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ControlPlaneVerifier")
-            .field("expected", &self.expected)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ServerCertVerifier for ControlPlaneVerifier {
-    fn verify_server_cert(
+impl TrustAnchors for Anchor {
+    fn roots(
         &self,
-        end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let pinned;
-        let roots = match &self.anchor {
-            Anchor::Roots(roots) => roots.as_ref(),
+    ) -> Result<Cow<'_, RootCertStore>, rustls::Error> {
+        match self {
+            Anchor::Roots(roots) => Ok(Cow::Borrowed(roots)),
             Anchor::Pin(token) => {
                 let ca = intermediates
                     .iter()
                     .find(|der| token.pins(der))
-                    .ok_or_else(|| refuse(ControlPlaneCertError::PinMismatch))?;
-                let mut store = RootCertStore::empty();
-                store.add(ca.clone().into_owned())?;
-                pinned = store;
-                &pinned
+                    .ok_or_else(|| certificate_error(PinMismatch))?;
+                let mut pinned = RootCertStore::empty();
+                pinned.add(ca.clone().into_owned())?;
+                Ok(Cow::Owned(pinned))
             }
-        };
-        let svid = check_svid(end_entity, &self.trust_domain).map_err(|e| {
-            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
-        })?;
-        if svid.id != self.expected {
-            return Err(refuse(ControlPlaneCertError::WrongIdentity {
-                presented: svid.id.to_string(),
-                expected: self.expected.to_string(),
-            }));
         }
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            roots,
-            intermediates,
-            now,
-            PROVIDER.signature_verification_algorithms.all,
-        )?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &PROVIDER.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &PROVIDER.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        PROVIDER
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
