@@ -14,15 +14,12 @@ use axum::routing::get;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use mandate_identity::TrustDomain;
-use mandate_identity::svid::check_svid;
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ResolvesServerCert, WebPkiClientVerifier};
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
-    ServerConfig, SignatureScheme,
+use mandate_identity::svid::{SvidError, check_svid};
+use mandate_identity::tls::{
+    ClientAuth, PROVIDER, SpiffeClientVerifier, SpiffePeer, roots_from_pem,
 };
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls::server::ResolvesServerCert;
+use rustls::{CertificateError, OtherError, ServerConfig};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -55,91 +52,26 @@ pub enum ServerError {
     Tls(String),
 }
 
-/// Client certificates are optional; when presented they must chain to the CA and follow the
-/// X.509-SVID rules for our trust domain.
-#[derive(Debug)]
-struct OptionalSvidVerifier {
-    trust_domain: TrustDomain,
-    chain: Arc<dyn ClientCertVerifier>,
-}
-
-impl ClientCertVerifier for OptionalSvidVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.chain.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        check_svid(end_entity, &self.trust_domain).map_err(|e| {
-            tracing::info!(reason = e.reason(), error = %e, "refused a client certificate");
-            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
-        })?;
-        self.chain
-            .verify_client_cert(end_entity, intermediates, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.chain.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.chain.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.chain.supported_verify_schemes()
-    }
-}
-
 /// The API's TLS configuration: TLS 1.3, optional SVID client auth, ALPN h2 and http/1.1.
 pub fn tls_config(
     trust_domain: &TrustDomain,
     ca_pem: &str,
     resolver: Arc<dyn ResolvesServerCert>,
 ) -> Result<ServerConfig, ServerError> {
-    use rustls_pki_types::pem::PemObject as _;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = RootCertStore::empty();
-    for der in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        let der = der.map_err(|e| ServerError::Tls(format!("CA certificate: {e}")))?;
-        roots
-            .add(der)
-            .map_err(|e| ServerError::Tls(format!("CA certificate: {e}")))?;
-    }
-    let chain = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| ServerError::Tls(e.to_string()))?;
-    let verifier = Arc::new(OptionalSvidVerifier {
-        trust_domain: trust_domain.clone(),
-        chain,
-    });
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let roots = roots_from_pem(ca_pem.as_bytes())
+        .map_err(|e| ServerError::Tls(format!("CA certificate: {e}")))?;
+    // Client certificates are optional; when presented they must chain to the CA and follow the
+    // X.509-SVID rules for our trust domain.
+    let verifier = SpiffeClientVerifier::new(
+        SpiffePeer::new(trust_domain.clone()),
+        Arc::new(roots),
+        ClientAuth::Optional,
+    )
+    .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let mut config = ServerConfig::builder_with_provider(PROVIDER.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ServerError::Tls(e.to_string()))?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
@@ -184,6 +116,9 @@ pub async fn serve_api(
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
+                    if let Some(e) = svid_refusal(&e) {
+                        tracing::info!(reason = e.reason(), error = %e, "refused a client certificate");
+                    }
                     tracing::debug!(%remote, error = %e, "TLS handshake failed");
                     return;
                 }
@@ -227,6 +162,16 @@ pub async fn serve_api(
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }
         });
+    }
+}
+
+/// The X.509-SVID rule a client certificate broke, when that is why its handshake failed.
+fn svid_refusal(err: &std::io::Error) -> Option<&SvidError> {
+    match err.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(e))) => {
+            e.downcast_ref::<SvidError>()
+        }
+        _ => None,
     }
 }
 

@@ -18,7 +18,7 @@ use rustls::client::danger::ServerCertVerifier as _;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use super::tls::{CaBundle, ControlPlaneVerifier};
+use super::tls::CaBundle;
 
 /// Arguments of `mandate ca import` (the store options mean what they mean to `mandate serve`).
 #[derive(Debug, Args)]
@@ -105,7 +105,8 @@ pub fn load_ca(cert_pem: &str, key_pem: &str) -> anyhow::Result<CertificateAutho
     let probe = ca.issue(&probe_id, Duration::from_secs(60))?;
     let der = CertificateDer::from_pem_slice(probe.cert_pem.as_bytes())
         .context("the CA produced an unreadable certificate")?;
-    ControlPlaneVerifier::new(&bundle)
+    bundle
+        .verifier()
         .verify_server_cert(
             &der,
             &[],

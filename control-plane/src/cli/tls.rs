@@ -4,34 +4,20 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
-use mandate_identity::TrustDomain;
-use mandate_identity::svid::{SvidError, check_svid};
+use mandate_identity::svid::SvidError;
+use mandate_identity::tls::{PROVIDER, SpiffePeer, SpiffeServerVerifier, WrongIdentity};
+use mandate_identity::{SpiffeId, TrustDomain};
 use mandate_wire::CONTROL_PLANE_PATH;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::verify_server_cert_signed_by_trust_anchor;
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::server::ParsedCertificate;
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore,
-    SignatureScheme,
-};
+use rustls::{CertificateError, ClientConfig, OtherError, RootCertStore};
+use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// ALPN identifiers offered to the control plane, most preferred first.
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
-
-/// The crypto provider (ring), as everywhere else in the workspace.
-static PROVIDER: LazyLock<Arc<CryptoProvider>> =
-    LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
-
-fn algorithms() -> WebPkiSupportedAlgorithms {
-    PROVIDER.signature_verification_algorithms
-}
 
 /// The CA certificates from `--ca-cert` and the one trust domain they serve.
 #[derive(Debug, Clone)]
@@ -85,6 +71,19 @@ impl CaBundle {
     pub fn control_plane_id(&self) -> String {
         format!("{}{CONTROL_PLANE_PATH}", self.trust_domain.id_uri())
     }
+
+    /// Accepts only the control plane's SVID chaining to these CAs. The chain is checked first:
+    /// nothing a certificate says counts before its issuer is known.
+    pub fn verifier(&self) -> SpiffeServerVerifier {
+        let id: SpiffeId = self
+            .control_plane_id()
+            .parse()
+            .expect("a trust domain plus a fixed path is a SPIFFE ID");
+        let peer = SpiffePeer::new(self.trust_domain.clone())
+            .exactly(id)
+            .chain_first();
+        SpiffeServerVerifier::new(peer, self.roots.clone())
+    }
 }
 
 /// The trust domain of a CA certificate: it must be a CA and carry a `spiffe://<td>` URI SAN.
@@ -108,105 +107,12 @@ fn ca_trust_domain(der: &[u8]) -> Result<TrustDomain, String> {
         .ok_or_else(|| "the CA certificate has no spiffe://<trust domain> URI SAN".to_owned())
 }
 
-/// Why the server's certificate is not the control plane's, beyond chain validation.
-#[derive(Debug, thiserror::Error)]
-pub enum ServerIdentityError {
-    /// The certificate breaks the X.509-SVID rules or belongs to another trust domain.
-    #[error("the server's certificate is not an X.509-SVID of this CA's trust domain: {0}")]
-    NotSvid(SvidError),
-    /// A valid SVID, but of another workload.
-    #[error(
-        "the server presented {found}, not {expected}: that is not the control plane (check --server)"
-    )]
-    NotControlPlane {
-        /// The SPIFFE ID presented.
-        found: String,
-        /// The SPIFFE ID required.
-        expected: String,
-    },
-}
-
-fn identity_error(e: ServerIdentityError) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
-}
-
-/// Accepts only `spiffe://<td>/control-plane` certificates that chain to the CA bundle.
-#[derive(Debug)]
-pub struct ControlPlaneVerifier {
-    roots: Arc<RootCertStore>,
-    trust_domain: TrustDomain,
-    expected: String,
-}
-
-impl ControlPlaneVerifier {
-    /// A verifier for the control plane of `ca`'s trust domain.
-    pub fn new(ca: &CaBundle) -> Self {
-        Self {
-            roots: ca.roots.clone(),
-            trust_domain: ca.trust_domain.clone(),
-            expected: ca.control_plane_id(),
-        }
-    }
-}
-
-impl ServerCertVerifier for ControlPlaneVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        // The chain first: nothing a certificate says counts before its issuer is known.
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            algorithms().all,
-        )?;
-        let svid = check_svid(end_entity, &self.trust_domain)
-            .map_err(|e| identity_error(ServerIdentityError::NotSvid(e)))?;
-        if svid.id.as_str() != self.expected {
-            return Err(identity_error(ServerIdentityError::NotControlPlane {
-                found: svid.id.to_string(),
-                expected: self.expected.clone(),
-            }));
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        algorithms().supported_schemes()
-    }
-}
-
 /// The client configuration: TLS 1.3, no client certificate, the control-plane verifier.
 pub fn client_config(ca: &CaBundle) -> Result<ClientConfig, rustls::Error> {
     let mut config = ClientConfig::builder_with_provider(PROVIDER.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous() // SPIFFE: the server is identified by its URI SAN, not a DNS name.
-        .with_custom_certificate_verifier(Arc::new(ControlPlaneVerifier::new(ca)))
+        .with_custom_certificate_verifier(Arc::new(ca.verifier()))
         .with_no_client_auth();
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     Ok(config)
@@ -232,7 +138,19 @@ pub fn describe_handshake_error(err: &io::Error, ca_path: &Path) -> String {
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
                 "the server's certificate is not valid yet; check this machine's clock".to_owned()
             }
-            CertificateError::Other(OtherError(inner)) => inner.to_string(),
+            CertificateError::Other(OtherError(inner)) => {
+                if let Some(e) = inner.downcast_ref::<SvidError>() {
+                    format!(
+                        "the server's certificate is not an X.509-SVID of this CA's trust domain: {e}"
+                    )
+                } else if let Some(WrongIdentity { presented, expected }) = inner.downcast_ref() {
+                    format!(
+                        "the server presented {presented}, not {expected}: that is not the control plane (check --server)"
+                    )
+                } else {
+                    inner.to_string()
+                }
+            }
             other => format!("the server's certificate was refused: {other:?}"),
         },
         rustls::Error::PeerIncompatible(why) => format!(
@@ -245,8 +163,9 @@ pub fn describe_handshake_error(err: &io::Error, ca_path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mandate_identity::SpiffeId;
     use mandate_identity::ca::CertificateAuthority;
+    use rustls::client::danger::ServerCertVerifier as _;
+    use rustls_pki_types::{ServerName, UnixTime};
     use std::time::Duration;
 
     const HOUR: Duration = Duration::from_secs(3600);
@@ -267,7 +186,8 @@ mod tests {
 
     fn verify(bundle: &CaBundle, cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
         let name = ServerName::try_from("127.0.0.1").unwrap();
-        ControlPlaneVerifier::new(bundle)
+        bundle
+            .verifier()
             .verify_server_cert(cert, &[], &name, &[], UnixTime::now())
             .map(|_| ())
     }
