@@ -225,17 +225,12 @@ impl ServeConfig {
             Some(_) => return Err(ConfigError::DatabaseUrl),
             None => StoreLocation::Sqlite(args.data_dir.join(DATABASE_FILE)),
         };
-        let store_key = match (&args.store_key_file, env(STORE_KEY_ENV)) {
-            (Some(path), _) => {
-                let text = read_secret("--store-key-file", path)?;
-                StoreKeySource::Given(parse_store_key(&text, "--store-key-file")?)
-            }
-            (None, Some(text)) => StoreKeySource::Given(parse_store_key(&text, STORE_KEY_ENV)?),
-            (None, None) if matches!(store, StoreLocation::Postgres(_)) => {
-                return Err(ConfigError::StoreKeyRequired);
-            }
-            (None, None) => StoreKeySource::DataDir(args.data_dir.join(STORE_KEY_FILE)),
-        };
+        let store_key = store_key_source(
+            args.store_key_file.as_deref(),
+            env(STORE_KEY_ENV),
+            &store,
+            &args.data_dir,
+        )?;
         let admin_token = match (&args.admin_token_file, env(ADMIN_TOKEN_ENV)) {
             (Some(path), _) => {
                 let text = read_secret("--admin-token-file", path)?;
@@ -261,6 +256,34 @@ impl ServeConfig {
             svid_ttl: args.svid_ttl,
             join_token_ttl: args.join_token_ttl,
         })
+    }
+}
+
+/// Where the store key comes from: `--store-key-file`, then `MANDATE_STORE_KEY` (`env_key`),
+/// then (SQLite only) `<data-dir>/store.key`. `mandate serve` and `mandate ca import` share it so
+/// both find the same key.
+pub fn store_key_source(
+    store_key_file: Option<&Path>,
+    env_key: Option<String>,
+    store: &StoreLocation,
+    data_dir: &Path,
+) -> Result<StoreKeySource, ConfigError> {
+    match (store_key_file, env_key) {
+        (Some(path), _) => {
+            let text = read_secret("--store-key-file", path)?;
+            Ok(StoreKeySource::Given(parse_store_key(
+                &text,
+                "--store-key-file",
+            )?))
+        }
+        (None, Some(text)) => Ok(StoreKeySource::Given(parse_store_key(
+            &text,
+            STORE_KEY_ENV,
+        )?)),
+        (None, None) if matches!(store, StoreLocation::Postgres(_)) => {
+            Err(ConfigError::StoreKeyRequired)
+        }
+        (None, None) => Ok(StoreKeySource::DataDir(data_dir.join(STORE_KEY_FILE))),
     }
 }
 

@@ -9,7 +9,7 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 use mandate_control_plane::ca::StoreKey;
 use mandate_control_plane::config::{
-    DATABASE_FILE, STORE_KEY_ENV, STORE_KEY_FILE, parse_store_key,
+    DATABASE_FILE, STORE_KEY_ENV, StoreKeySource, store_key_source,
 };
 use mandate_control_plane::store::{Store, StoreError, StoreLocation, StoredSecret};
 use mandate_identity::ca::CertificateAuthority;
@@ -72,24 +72,20 @@ fn describe(location: &StoreLocation) -> String {
 /// The store key exactly as `mandate serve` resolves it: `--store-key-file`, then
 /// `MANDATE_STORE_KEY` (`env`), then (SQLite only) `<data-dir>/store.key`, generated if missing.
 pub fn store_key(args: &ImportArgs, env: Option<String>) -> anyhow::Result<StoreKey> {
-    if let Some(path) = &args.store_key_file {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read --store-key-file {}", path.display()))?;
-        return Ok(parse_store_key(&text, "--store-key-file")?);
+    let source = store_key_source(
+        args.store_key_file.as_deref(),
+        env.filter(|t| !t.trim().is_empty()),
+        &location(args),
+        &args.data_dir,
+    )?;
+    match source {
+        StoreKeySource::Given(key) => Ok(key),
+        StoreKeySource::DataDir(path) => {
+            std::fs::create_dir_all(&args.data_dir)
+                .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+            Ok(StoreKey::load_or_generate(&path)?)
+        }
     }
-    if let Some(text) = env.filter(|t| !t.trim().is_empty()) {
-        return Ok(parse_store_key(&text, STORE_KEY_ENV)?);
-    }
-    if args.database_url.is_some() {
-        bail!(
-            "--database-url needs the store key every replica uses: set {STORE_KEY_ENV} or --store-key-file"
-        );
-    }
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
-    Ok(StoreKey::load_or_generate(
-        &args.data_dir.join(STORE_KEY_FILE),
-    )?)
 }
 
 /// Loads the CA from PEM and proves it usable: its key signs certificates its certificate
