@@ -174,12 +174,15 @@ impl ControlPlaneClient {
             let tls = TlsConnector::from(config)
                 .connect(self.server_name.clone(), tcp)
                 .await
-                .map_err(|source| match is_pin_mismatch(&source) {
-                    true => ClientError::PinMismatch(addr.clone()),
-                    false => ClientError::Tls {
-                        addr: addr.clone(),
-                        source,
-                    },
+                .map_err(|source| {
+                    if is_pin_mismatch(&source) {
+                        ClientError::PinMismatch(addr.clone())
+                    } else {
+                        ClientError::Tls {
+                            addr: addr.clone(),
+                            source,
+                        }
+                    }
                 })?;
             let h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
             let io = TokioIo::new(tls);
