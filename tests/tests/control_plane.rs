@@ -431,3 +431,37 @@ async fn sidecars_keep_enforcing_without_the_control_plane_and_resync_when_it_re
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_sidecar_stopped_cleanly_delivers_its_last_decisions_first() {
+    let env = TestEnv::new("cp-clean-shutdown");
+    env.run(LIMIT, async {
+        let cp = env.control_plane("cp").spawn().await?;
+        let app = App::start().await?;
+        let (mut agent, _tool) = managed_pair(&env, &cp, &app).await?;
+        let (module, data) = policy("/allowed");
+        cp.cli_ok(&["policy", "push", &policy_dir(&env, "v1", &module, &data)?])
+            .await?;
+        wait_ready(&agent).await?;
+
+        // Calls answered just before SIGTERM: their decisions are still queued for the next batch.
+        let mut ids = Vec::new();
+        for path in ["/allowed/last", "/denied/last"] {
+            let resp = proxy_get(agent.outbound(), &format!("http://tool:8080{path}"), &[]).await?;
+            ids.push(resp.header("x-mandate-decision-id"));
+        }
+        agent.sigterm()?;
+        let status = agent.wait_exit().await?;
+        anyhow::ensure!(status.success(), "the sidecar exited with {status}");
+
+        let records = cp.audit(&["--agent", "research"]).await?;
+        for id in &ids {
+            anyhow::ensure!(
+                records.iter().any(|r| r["decision_id"] == id.as_str()),
+                "decision {id} was lost on a clean shutdown; the audit log has {records:?}"
+            );
+        }
+        Ok(())
+    })
+    .await;
+}
