@@ -91,9 +91,25 @@ pub struct BenchArgs {
     /// CPUs (taskset list) for the load generator and the upstream app.
     #[arg(long, default_value = "0")]
     pub cpus_load: String,
-    /// Measure only these topologies (comma-separated); direct is always measured as the baseline.
+    /// Measure only these (comma-separated); direct is always measured as the baseline of the
+    /// data-path topologies. `control-plane` alone runs only the control-plane benchmark.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<Kind>,
+    /// Control-plane benchmark: simulated sidecars holding a push stream open.
+    #[arg(long, default_value_t = 500)]
+    pub cp_streams: usize,
+    /// Control-plane benchmark: agents revoked one at a time while the streams are open.
+    #[arg(long, default_value_t = 20)]
+    pub cp_revocations: usize,
+    /// Control-plane benchmark: simulated sidecars posting decision batches concurrently.
+    #[arg(long, default_value_t = 8)]
+    pub cp_ingest_sidecars: usize,
+    /// Control-plane benchmark: measured ingest time per backend.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub cp_ingest_time: Duration,
+    /// CPUs (taskset list) for `mandate serve` and PostgreSQL [default: --cpus-proxy].
+    #[arg(long)]
+    pub cpus_control_plane: Option<String>,
     /// Before each measured phase, wait up to this long for other programs to leave the benchmark's
     /// CPUs (under 5% of a core busy) so a passing build job does not land in the figures; 0s
     /// measures at once.
@@ -120,7 +136,16 @@ impl BenchArgs {
         if t == Kind::Nginx && self.skip_nginx {
             return false;
         }
+        if !self.data_path_wanted() {
+            return false;
+        }
         t == Kind::Direct || self.only.is_empty() || self.only.contains(&t)
+    }
+
+    /// Whether any data-path topology (and the in-process policy evaluation) runs: not when
+    /// `--only` names the control plane alone.
+    pub fn data_path_wanted(&self) -> bool {
+        self.only.is_empty() || self.only.iter().any(|k| *k != Kind::ControlPlane)
     }
 }
 

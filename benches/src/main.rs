@@ -1,17 +1,21 @@
 //! `mandate-bench`: measures what the mandate-proxy sidecar pair adds to a call, next to a direct call
-//! and an nginx mTLS pair doing the same job, and writes the comparison to `docs/benchmarks.md`.
+//! and an nginx mTLS pair doing the same job, measures the control plane (`mandate serve`: push
+//! latency to 500 sidecars, memory, decision ingest), and writes it all to `docs/benchmarks.md`.
 
 mod app;
 mod certs;
 mod cli;
+mod control_plane;
 mod jitter;
 mod loadgen;
 mod mandate;
 mod nginx;
 mod policy;
+mod postgres;
 mod procs;
 mod report;
 mod rss;
+mod sidecar_sim;
 mod topology;
 
 use clap::Parser;

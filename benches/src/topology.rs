@@ -14,7 +14,7 @@ use crate::loadgen::{self, Outcome, Target};
 use crate::procs::{self, Child, Pinner, Spawn, TempDir};
 use crate::report::{self, Machine, Report};
 use crate::rss::{self, Mem, Sampler};
-use crate::{jitter, mandate, nginx, policy};
+use crate::{control_plane, jitter, mandate, nginx, policy};
 
 /// Response body size of the upstream app.
 pub const BODY_BYTES: usize = 1024;
@@ -42,6 +42,8 @@ pub enum Kind {
     MandatePolicy,
     /// client → nginx A → mTLS → nginx B → app.
     Nginx,
+    /// Not a data-path topology: the control plane (`mandate serve`) with simulated sidecars.
+    ControlPlane,
 }
 
 impl Kind {
@@ -52,6 +54,7 @@ impl Kind {
             Kind::Mandate => "mandate-proxy pair",
             Kind::MandatePolicy => "mandate-proxy pair + policy",
             Kind::Nginx => "nginx pair",
+            Kind::ControlPlane => "control plane",
         }
     }
 }
@@ -192,7 +195,13 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     let machine = Machine::collect();
     let cpus_proxy = procs::parse_cpu_list(&args.cpus_proxy).context("--cpus-proxy")?;
     let cpus_load = procs::parse_cpu_list(&args.cpus_load).context("--cpus-load")?;
-    for &c in cpus_proxy.iter().chain(&cpus_load) {
+    let cpus_cp = procs::parse_cpu_list(
+        args.cpus_control_plane
+            .as_deref()
+            .unwrap_or(&args.cpus_proxy),
+    )
+    .context("--cpus-control-plane")?;
+    for &c in cpus_proxy.iter().chain(&cpus_load).chain(&cpus_cp) {
         if c >= machine.nproc {
             bail!(
                 "CPU {c} does not exist: this machine has {} CPUs (0-{})",
@@ -217,7 +226,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     let jitter = jitter::measure(&all_cpus, JITTER_TIME);
     // Policy evaluation alone first, while no topology runs: one thread on the proxies' CPU, two on
     // the proxies' and the load's.
-    let policy_eval = (!args.skip_policy_eval).then(|| {
+    let policy_eval = (!args.skip_policy_eval && args.data_path_wanted()).then(|| {
         eprintln!(
             "== policy evaluation in process ({})",
             args.policy_dir.display()
@@ -230,10 +239,36 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
             format!("{e:#}")
         })
     });
-    let results = rt.block_on(run_all(args, &cpus_proxy, &cpus_load))?;
+    let results = if args.data_path_wanted() {
+        rt.block_on(run_all(args, &cpus_proxy, &cpus_load))?
+    } else {
+        RunAll {
+            topologies: [
+                Kind::Direct,
+                Kind::Mandate,
+                Kind::MandatePolicy,
+                Kind::Nginx,
+            ]
+            .into_iter()
+            .map(|kind| TopologyResult {
+                kind,
+                status: Status::Skipped("not selected (--only)".to_owned()),
+            })
+            .collect(),
+            app_command: String::new(),
+            tmp: std::path::PathBuf::new(),
+        }
+    };
     // Again afterwards: the machine's mood changes over minutes, and one figure would mislead.
     eprintln!("== machine jitter again, after the run");
     let jitter_after = jitter::measure(&all_cpus, JITTER_TIME);
+    let control_plane = control_plane::wanted(args).then(|| {
+        rt.block_on(control_plane::run(args, &cpus_cp, &cpus_load))
+            .map_err(|e| {
+                eprintln!("== control plane FAILED: {e:#}");
+                format!("{e:#}")
+            })
+    });
     let tmp = results.tmp.display().to_string();
     let report = Report {
         machine,
@@ -249,6 +284,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         jitter,
         jitter_after,
         policy_eval,
+        control_plane,
     };
     println!("{}", report::terminal_table(&report));
     if let Some(path) = &args.report {
@@ -270,6 +306,11 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(Err(e)) = &report.policy_eval {
         bail!("policy evaluation benchmark failed: {e}");
+    }
+    match &report.control_plane {
+        Some(Err(e)) => bail!("control plane benchmark failed: {e}"),
+        Some(Ok(cp)) => control_plane::check(cp).context("control plane benchmark")?,
+        None => {}
     }
     Ok(())
 }
@@ -344,6 +385,7 @@ async fn run_all(
             Kind::Mandate => mandate::start(&env, false).await,
             Kind::MandatePolicy => mandate::start(&env, true).await,
             Kind::Nginx => nginx::start(&env).await,
+            Kind::ControlPlane => unreachable!("the control plane is not a data-path topology"),
         };
         let status = match started {
             Ok(running) => match loadgen::probe(&running.target, Instant::now() + PROBE_TIME).await
