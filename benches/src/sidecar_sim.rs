@@ -4,7 +4,7 @@
 //! single tokio runtime.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context as _, anyhow, bail};
@@ -13,125 +13,50 @@ use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt as _, Full};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use mandate_identity::svid::check_svid;
+use mandate_identity::tls::{
+    PROVIDER, PemRootsError, SpiffePeer, SpiffeServerVerifier, roots_from_pem,
+};
 use mandate_identity::{SpiffeId, TrustDomain, csr};
 use mandate_wire::{
     CONTROL_PLANE_PATH, DECISIONS_PATH, DecisionBatch, DecisionRecord, DestinationRecord,
     Direction, ENROLL_PATH, EnrollRequest, IngestResult, IssuedIdentity, JoinToken, McpRecord,
     STREAM_PATH,
 };
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::verify_server_cert_signed_by_trust_anchor;
-use rustls::crypto::CryptoProvider;
-use rustls::server::ParsedCertificate;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::ClientConfig;
 use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-
-/// ring, as everywhere else in the workspace.
-static PROVIDER: LazyLock<Arc<CryptoProvider>> =
-    LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
-
-/// Accepts only the SVID `spiffe://<td>/control-plane` chaining to the control plane's CA, as a
-/// real sidecar does (the server has no DNS name to check).
-#[derive(Debug)]
-struct ControlPlaneVerifier {
-    roots: Arc<RootCertStore>,
-    trust_domain: TrustDomain,
-    expected: String,
-}
-
-impl ServerCertVerifier for ControlPlaneVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            PROVIDER.signature_verification_algorithms.all,
-        )?;
-        let svid = check_svid(end_entity, &self.trust_domain)
-            .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
-        if svid.id.as_str() != self.expected {
-            return Err(rustls::Error::General(format!(
-                "the server presented {}, not {}",
-                svid.id, self.expected
-            )));
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &PROVIDER.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &PROVIDER.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        PROVIDER
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
 
 /// Where the control plane is and how to recognise it.
 #[derive(Clone)]
 pub struct Endpoint {
     /// The API listener.
     pub addr: SocketAddr,
-    verifier: Arc<ControlPlaneVerifier>,
+    verifier: Arc<SpiffeServerVerifier>,
 }
 
 impl Endpoint {
     /// The control plane at `addr`, trusted through the CA certificates in `ca_pem`.
     pub fn new(addr: SocketAddr, ca_pem: &[u8], trust_domain: TrustDomain) -> anyhow::Result<Self> {
-        let mut roots = RootCertStore::empty();
-        for der in CertificateDer::pem_slice_iter(ca_pem) {
-            roots.add(der.context("ca.pem is not PEM")?)?;
-        }
+        let roots = roots_from_pem(ca_pem).map_err(|e| match e {
+            PemRootsError::Pem(e) => anyhow::Error::new(e).context("ca.pem is not PEM"),
+            PemRootsError::Unusable(e) => e.into(),
+        })?;
         if roots.is_empty() {
             bail!("ca.pem holds no certificate");
         }
-        let expected = format!("{}{CONTROL_PLANE_PATH}", trust_domain.id_uri());
+        let expected: SpiffeId = format!("{}{CONTROL_PLANE_PATH}", trust_domain.id_uri())
+            .parse()
+            .context("the trust domain makes no control-plane SPIFFE ID")?;
+        // As a real sidecar: only the control plane's SVID, chaining to its CA (the server has no
+        // DNS name to check); the chain is judged first.
+        let peer = SpiffePeer::new(trust_domain)
+            .exactly(expected)
+            .chain_first();
         Ok(Self {
             addr,
-            verifier: Arc::new(ControlPlaneVerifier {
-                roots: Arc::new(roots),
-                trust_domain,
-                expected,
-            }),
+            verifier: Arc::new(SpiffeServerVerifier::new(peer, Arc::new(roots))),
         })
     }
 
@@ -469,6 +394,30 @@ mod tests {
         let spaced = br#"{"registry": {"agents": {"x": {"status": "revoked"}}}}"#;
         assert!(shows_revoked(spaced, "x"));
         assert!(!shows_revoked(br#"{"type":"heartbeat"}"#, "x"));
+    }
+
+    #[test]
+    fn the_endpoint_accepts_only_the_control_plane_svid_of_its_ca() {
+        use mandate_identity::ca::CertificateAuthority;
+        use rustls::client::danger::ServerCertVerifier as _;
+        use rustls_pki_types::UnixTime;
+
+        let hour = std::time::Duration::from_secs(3600);
+        let td: TrustDomain = "bench.local".parse().unwrap();
+        let ca = CertificateAuthority::generate(td.clone(), hour).unwrap();
+        let addr = "127.0.0.1:1".parse().unwrap();
+        let endpoint = Endpoint::new(addr, ca.cert_pem().as_bytes(), td).unwrap();
+        let verify = |id: &str| {
+            let issued = ca.issue(&id.parse().unwrap(), hour).unwrap();
+            let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+            let name = ServerName::try_from("127.0.0.1").unwrap();
+            endpoint
+                .verifier
+                .verify_server_cert(&der, &[], &name, &[], UnixTime::now())
+        };
+        verify("spiffe://bench.local/control-plane").unwrap();
+        assert!(verify("spiffe://bench.local/agent/a").is_err());
+        assert!(Endpoint::new(addr, b"", "bench.local".parse().unwrap()).is_err());
     }
 
     #[test]
