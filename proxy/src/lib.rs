@@ -116,6 +116,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             metrics.clone(),
             cp.state.clone(),
         ));
+        // The last applied bundle and registry, before the stream resumes from them.
+        applier.restore();
         tokio::spawn(sync::svid::renew_loop(
             cp.clone(),
             *renew_now,

@@ -1,6 +1,8 @@
 //! Applying one pushed `update`: trust bundle, then registry (revocations take effect at once),
 //! then the policy bundle — verified against the trust bundle in force before it is compiled, and
-//! refused (keeping the last good one) when its signature, digest or data are wrong.
+//! refused (keeping the last good one) when its signature, digest or data are wrong. What is
+//! applied is persisted in the state directory, and restored from it at start-up through the same
+//! path.
 
 use std::sync::{Arc, Mutex};
 
@@ -72,13 +74,72 @@ impl Applier {
     }
 
     /// Applies one update. Its parts take effect together as far as safety allows: a refused
-    /// policy bundle never holds back a revocation in the same update.
+    /// policy bundle never holds back a revocation in the same update. What it activates is
+    /// persisted in the state directory.
     pub fn apply(
         &self,
         bundle: Option<SignedBundle>,
         registry: Option<Registry>,
         trust_bundle: Option<String>,
     ) -> Outcome {
+        self.apply_update(bundle, registry, trust_bundle, true)
+    }
+
+    /// Applies the policy bundle and registry an earlier run persisted in the state directory, as
+    /// if pushed, so the sidecar enforces them before the stream connects (and the stream resumes
+    /// from them). A file that cannot be read or parsed, or a bundle that does not verify against
+    /// the current trust bundle, is logged and ignored (left in place).
+    pub fn restore(&self) -> Outcome {
+        let Some(state) = &self.state else {
+            return Outcome::default();
+        };
+        let dir = state.path().display().to_string();
+        let registry = state.load_registry().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "persisted registry ignored");
+            None
+        });
+        let bundle = state.load_policy_bundle().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "persisted policy bundle ignored");
+            None
+        });
+        let bundle = bundle.filter(|bundle| {
+            let trust = self.identity.current();
+            match bundle.verify(trust.bundle_pem()) {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::error!(
+                        state_dir = %dir,
+                        version = bundle.version,
+                        error = %e,
+                        "persisted policy bundle {} ignored: it does not verify against the trust bundle",
+                        bundle.version
+                    );
+                    false
+                }
+            }
+        });
+        if bundle.is_none() && registry.is_none() {
+            return Outcome::default();
+        }
+        let outcome = self.apply_update(bundle, registry, None, false);
+        tracing::info!(
+            state_dir = %dir,
+            policy_version = outcome.activated,
+            registry_revision = outcome.registry_revision,
+            "restored the last applied state from the state directory; enforcing it until the control plane says otherwise"
+        );
+        outcome
+    }
+
+    /// [`apply`](Self::apply), persisting what it applies when `persist`.
+    fn apply_update(
+        &self,
+        bundle: Option<SignedBundle>,
+        registry: Option<Registry>,
+        trust_bundle: Option<String>,
+        persist: bool,
+    ) -> Outcome {
+        let state = self.state.as_ref().filter(|_| persist);
         // One update at a time, so the registry and the bundle compiled with it always match.
         let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
         let mut outcome = Outcome::default();
@@ -88,7 +149,7 @@ impl Applier {
                 Ok(changed) => {
                     outcome.trust_bundle = changed;
                     if changed
-                        && let Some(state) = &self.state
+                        && let Some(state) = state
                         && let Err(e) = state.save_bundle(&pem)
                     {
                         tracing::error!(error = %e, "cannot persist the new trust bundle");
@@ -105,6 +166,11 @@ impl Applier {
         if let Some(registry) = registry {
             self.apply_registry(&registry);
             outcome.registry_revision = Some(registry.revision);
+            if let Some(state) = state
+                && let Err(e) = state.save_registry(&registry)
+            {
+                tracing::error!(error = %e, "cannot persist the registry");
+            }
             applied.registry = Some(registry);
         }
 
@@ -124,6 +190,11 @@ impl Applier {
             match self.install(&good, applied.registry.as_ref()) {
                 Ok(()) => {
                     outcome.activated = Some(good.bundle.version);
+                    if let Some(state) = state
+                        && let Err(e) = state.save_policy_bundle(&good.bundle)
+                    {
+                        tracing::error!(error = %e, "cannot persist the policy bundle");
+                    }
                     applied.bundle = Some(good);
                     return outcome;
                 }
@@ -189,5 +260,133 @@ impl Applier {
             "registry revision {} applied",
             registry.revision
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use mandate_identity::ca::CertificateAuthority;
+    use mandate_identity::{SpiffeId, TrustDomain};
+    use mandate_rego::EngineChoice;
+
+    use super::*;
+    use crate::identity::IdentityPem;
+    use crate::policy::{CompileSettings, PolicySource};
+    use crate::revocation::Revocations;
+
+    const REGO: &str = "package mandate.authz\n\nallow if input.x == data.want\n";
+
+    struct Sidecar {
+        applier: Applier,
+        policy: Arc<PolicyStore>,
+    }
+
+    /// A fresh "process": identity issued by `ca`, an empty pushed policy store, `state` as its
+    /// state directory.
+    fn sidecar(ca: &CertificateAuthority, state: &StateDir) -> Sidecar {
+        let td: TrustDomain = "mandate.local".parse().unwrap();
+        let id: SpiffeId = "spiffe://mandate.local/agent/a".parse().unwrap();
+        let svid = ca.issue(&id, Duration::from_secs(3600)).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let pem = IdentityPem {
+            cert: svid.cert_pem,
+            key: svid.key_pem,
+            bundle: ca.cert_pem().to_owned(),
+        };
+        let identity = Arc::new(
+            IdentityStore::from_pem(pem, td, metrics.clone(), Arc::new(Revocations::new()))
+                .unwrap(),
+        );
+        let policy = Arc::new(PolicyStore::load(
+            PolicySource::ControlPlane,
+            CompileSettings {
+                time_limit: Duration::from_millis(50),
+                engine: EngineChoice::Interpreter,
+            },
+            metrics.clone(),
+        ));
+        let applier = Applier::new(identity, policy.clone(), metrics, Some(state.clone()));
+        Sidecar { applier, policy }
+    }
+
+    fn ca() -> CertificateAuthority {
+        CertificateAuthority::generate("mandate.local".parse().unwrap(), Duration::from_secs(86400))
+            .unwrap()
+    }
+
+    fn bundle(ca: &CertificateAuthority, version: u64) -> SignedBundle {
+        let modules = BTreeMap::from([("authz.rego".to_owned(), REGO.to_owned())]);
+        SignedBundle::sign(version, modules, r#"{"want": 1}"#.into(), |i| {
+            ca.sign_bytes(i)
+        })
+        .unwrap()
+    }
+
+    fn registry(revision: u64) -> Registry {
+        Registry {
+            revision,
+            ..Registry::default()
+        }
+    }
+
+    #[test]
+    fn a_restart_restores_the_applied_bundle_and_registry_and_resumes_from_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        let ca = ca();
+
+        let first = sidecar(&ca, &state);
+        assert_eq!(first.applier.restore(), Outcome::default(), "nothing yet");
+        first
+            .applier
+            .apply(Some(bundle(&ca, 2)), Some(registry(5)), None);
+        // A refused bundle is not persisted: the last good one stays the one to restore.
+        let mut bad = bundle(&ca, 3);
+        bad.data = r#"{"want": 2}"#.into();
+        let outcome = first.applier.apply(Some(bad), Some(registry(6)), None);
+        assert_eq!(outcome.rejected, Some(3));
+
+        let restarted = sidecar(&ca, &state);
+        assert!(restarted.policy.current().is_none());
+        assert_eq!(restarted.applier.resume_point(), (None, None));
+        let outcome = restarted.applier.restore();
+        assert_eq!(outcome.activated, Some(2));
+        assert_eq!(outcome.registry_revision, Some(6));
+        assert_eq!(restarted.policy.current().unwrap().version(), "2");
+        assert_eq!(restarted.applier.resume_point(), (Some(2), Some(6)));
+    }
+
+    #[test]
+    fn a_persisted_bundle_that_does_not_verify_is_ignored_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        let ca = ca();
+        let mut tampered = bundle(&ca, 4);
+        tampered
+            .modules
+            .insert("authz.rego".into(), "package x\n".into());
+        // Signed, but by another CA than the trust bundle's.
+        let other = bundle(&self::ca(), 5);
+
+        for persisted in [tampered, other] {
+            state.save_policy_bundle(&persisted).unwrap();
+            let restarted = sidecar(&ca, &state);
+            let outcome = restarted.applier.restore();
+            assert_eq!(outcome.activated, None);
+            assert!(restarted.policy.current().is_none(), "still denying");
+            assert_eq!(restarted.applier.resume_point(), (None, None));
+            assert_eq!(state.load_policy_bundle().unwrap(), Some(persisted));
+        }
+
+        // An unparsable file is ignored as well, and left in place.
+        let path = state.path().join("policy-bundle.json");
+        std::fs::write(&path, "{not json").unwrap();
+        let restarted = sidecar(&ca, &state);
+        assert_eq!(restarted.applier.restore(), Outcome::default());
+        assert!(restarted.policy.current().is_none());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{not json");
     }
 }

@@ -1,17 +1,25 @@
 //! The state directory (`--state-dir`): key, SVID and trust bundle kept across restarts, so a
-//! restarted sidecar renews with its still-valid SVID instead of needing a fresh join token.
+//! restarted sidecar renews with its still-valid SVID instead of needing a fresh join token; and
+//! the last applied policy bundle and registry, so it enforces them at once, even while the control
+//! plane is unreachable.
 
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+use mandate_wire::{Registry, SignedBundle};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use crate::identity::IdentityPem;
 
 const CERT: &str = "svid.pem";
 const KEY: &str = "svid-key.pem";
 const BUNDLE: &str = "bundle.pem";
+const POLICY_BUNDLE: &str = "policy-bundle.json";
+const REGISTRY: &str = "registry.json";
 
-/// Why the state directory could not be written.
+/// Why the state directory could not be written or read.
 #[derive(Debug, thiserror::Error)]
 #[error("--state-dir {path}: {source}")]
 pub struct StateError {
@@ -21,7 +29,7 @@ pub struct StateError {
     pub source: io::Error,
 }
 
-/// Where managed identity is persisted.
+/// Where managed identity and the last applied state are persisted.
 #[derive(Debug, Clone)]
 pub struct StateDir {
     dir: PathBuf,
@@ -62,6 +70,52 @@ impl StateDir {
     pub fn save_bundle(&self, bundle: &str) -> Result<(), StateError> {
         self.ensure_dir()?;
         self.write(BUNDLE, bundle, 0o644)
+    }
+
+    /// Saves the policy bundle last activated, as received (signature included).
+    pub fn save_policy_bundle(&self, bundle: &SignedBundle) -> Result<(), StateError> {
+        self.save_json(POLICY_BUNDLE, bundle)
+    }
+
+    /// Saves the registry last applied (with its revision).
+    pub fn save_registry(&self, registry: &Registry) -> Result<(), StateError> {
+        self.save_json(REGISTRY, registry)
+    }
+
+    /// The policy bundle saved by an earlier run: `Ok(None)` when there is none, an error when
+    /// the file cannot be read or parsed. Not verified here.
+    pub fn load_policy_bundle(&self) -> Result<Option<SignedBundle>, StateError> {
+        self.load_json(POLICY_BUNDLE)
+    }
+
+    /// The registry saved by an earlier run: `Ok(None)` when there is none, an error when the
+    /// file cannot be read or parsed.
+    pub fn load_registry(&self) -> Result<Option<Registry>, StateError> {
+        self.load_json(REGISTRY)
+    }
+
+    fn save_json(&self, name: &str, value: &impl Serialize) -> Result<(), StateError> {
+        let text = serde_json::to_string(value).map_err(|e| StateError {
+            path: self.dir.join(name),
+            source: e.into(),
+        })?;
+        self.ensure_dir()?;
+        self.write(name, &text, 0o600)
+    }
+
+    fn load_json<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StateError> {
+        let path = self.dir.join(name);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError { path, source }),
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| StateError {
+                path,
+                source: e.into(),
+            })
     }
 
     fn ensure_dir(&self) -> Result<(), StateError> {
@@ -118,5 +172,39 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn saved_bundle_and_registry_load_back_privately_and_a_bad_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        assert!(state.load_policy_bundle().unwrap().is_none());
+        assert!(state.load_registry().unwrap().is_none());
+        let bundle = SignedBundle {
+            version: 3,
+            digest: "sha256:00".into(),
+            modules: [("authz.rego".to_owned(), "package x".to_owned())].into(),
+            data: r#"{"a": 1}"#.into(),
+            signature: "c2ln".into(),
+        };
+        let registry = Registry {
+            revision: 7,
+            ..Registry::default()
+        };
+        state.save_policy_bundle(&bundle).unwrap();
+        state.save_registry(&registry).unwrap();
+        assert_eq!(state.load_policy_bundle().unwrap(), Some(bundle));
+        assert_eq!(state.load_registry().unwrap(), Some(registry));
+        for name in [POLICY_BUNDLE, REGISTRY] {
+            let mode = std::fs::metadata(state.path().join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{name}");
+        }
+
+        std::fs::write(state.path().join(REGISTRY), "{not json").unwrap();
+        let err = state.load_registry().unwrap_err();
+        assert!(err.path.ends_with(REGISTRY), "{err}");
     }
 }
