@@ -34,11 +34,12 @@ pub struct SidecarBuilder<'a> {
     managed: Option<Managed>,
 }
 
-/// Managed mode: where the control plane is and the join token to enrol with.
+/// Managed mode: where the control plane is and the join token to enrol with (none when the
+/// identity comes from a state directory).
 #[derive(Clone)]
 struct Managed {
     url: String,
-    join_token: String,
+    join_token: Option<String>,
     spiffe_id: String,
 }
 
@@ -84,10 +85,27 @@ impl<'a> SidecarBuilder<'a> {
             .unwrap_or_default();
         self.managed = Some(Managed {
             url: cp.url(),
-            join_token: join_token.to_owned(),
+            join_token: Some(join_token.to_owned()),
             spiffe_id,
         });
         self
+    }
+
+    /// Managed mode without a join token: `--control-plane <cp> --state-dir <state_dir>`, the
+    /// identity (and the last applied state) restored from a state directory an earlier sidecar for
+    /// `spiffe_id` left.
+    pub fn managed_from_state(
+        mut self,
+        cp: &crate::ControlPlane,
+        spiffe_id: &str,
+        state_dir: &Path,
+    ) -> Self {
+        self.managed = Some(Managed {
+            url: cp.url(),
+            join_token: None,
+            spiffe_id: spiffe_id.to_owned(),
+        });
+        self.arg("--state-dir").arg(state_dir.display().to_string())
     }
 
     /// Runs with this certificate and key.
@@ -293,8 +311,8 @@ impl<'a> SidecarBuilder<'a> {
                 "MANDATE_LOG",
                 std::env::var("MANDATE_E2E_LOG").unwrap_or_else(|_| "info".to_owned()),
             );
-            if let Some(managed) = &self.managed {
-                cmd.env("MANDATE_JOIN_TOKEN", &managed.join_token);
+            if let Some(token) = self.managed.as_ref().and_then(|m| m.join_token.as_ref()) {
+                cmd.env("MANDATE_JOIN_TOKEN", token);
             }
             for (k, v) in &self.envs {
                 cmd.env(k, v);

@@ -433,6 +433,56 @@ async fn sidecars_keep_enforcing_without_the_control_plane_and_resync_when_it_re
 }
 
 #[tokio::test]
+async fn a_sidecar_restarted_during_an_outage_enforces_its_persisted_state_then_resyncs() {
+    let env = TestEnv::new("cp-restart-in-outage");
+    env.run(LIMIT, async {
+        let mut cp = env.control_plane("cp").spawn().await?;
+        let app = App::start().await?;
+        let (agent, tool) = managed_pair(&env, &cp, &app).await?;
+        let (module, data) = policy("/allowed");
+        cp.cli_ok(&["policy", "push", &policy_dir(&env, "v1", &module, &data)?])
+            .await?;
+        wait_ready(&agent).await?;
+        let spiffe_id = agent.id().to_owned();
+
+        // The pod restarts while the control plane is down: no token, only the state directory.
+        cp.kill().await?;
+        drop(agent);
+        let agent = env
+            .sidecar("agent-restarted")
+            .managed_from_state(&cp, &spiffe_id, &agent_state(&env))
+            .route_to("tool:8080", &tool)
+            .spawn()
+            .await?;
+        ensure_eq!(
+            status_of(&agent, "/allowed").await?,
+            200,
+            "allowed by the persisted bundle"
+        );
+        let denied = proxy_get(agent.outbound(), "http://tool:8080/other", &[]).await?;
+        let denial = Denial::parse(&denied)?;
+        ensure_eq!(
+            denial.policy_version.as_deref(),
+            Some("1"),
+            "the persisted bundle version decided"
+        );
+
+        cp.restart().await?;
+        let (module2, data2) = policy("/");
+        cp.cli_ok(&["policy", "push", &policy_dir(&env, "v2", &module2, &data2)?])
+            .await?;
+        eventually(
+            Duration::from_secs(30),
+            "the restarted sidecar resyncs with the control plane",
+            || async { Ok(status_of(&agent, "/other").await? == 200) },
+        )
+        .await?;
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_sidecar_stopped_cleanly_delivers_its_last_decisions_first() {
     let env = TestEnv::new("cp-clean-shutdown");
     env.run(LIMIT, async {
