@@ -513,16 +513,8 @@ fn summarize(facts: &CallFacts<'_>, parts: Option<&Parts>) -> CallSummary {
         },
         method: parts.map(|p| p.method.to_string()),
         path: parts.map(|p| p.uri.path().to_owned()),
-        trace_id: parts.and_then(|p| trace_id(&p.headers)),
+        trace_id: parts.and_then(|p| crate::trace::trace_id(&p.headers)),
     }
-}
-
-/// The trace id of a W3C `traceparent` header (`00-<trace id>-<parent id>-<flags>`).
-fn trace_id(headers: &http::HeaderMap) -> Option<String> {
-    let tp = headers.get("traceparent")?.to_str().ok()?;
-    let id = tp.split('-').nth(1)?;
-    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) && id != "0".repeat(32))
-        .then(|| id.to_ascii_lowercase())
 }
 
 fn uuid_time(id: &Uuid) -> SystemTime {
@@ -627,31 +619,6 @@ fn denied_jsonrpc(rpc: &Rpc, decisions: &[(Decision, Option<&Call>)]) -> Respons
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn trace_id_is_taken_from_a_valid_traceparent_only() {
-        let mut h = http::HeaderMap::new();
-        assert_eq!(trace_id(&h), None);
-        h.insert(
-            "traceparent",
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"
-                .parse()
-                .unwrap(),
-        );
-        assert_eq!(
-            trace_id(&h).as_deref(),
-            Some("4bf92f3577b34da6a3ce929d0e0e4736")
-        );
-        h.insert(
-            "traceparent",
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
-                .parse()
-                .unwrap(),
-        );
-        assert_eq!(trace_id(&h), None);
-        h.insert("traceparent", "garbage".parse().unwrap());
-        assert_eq!(trace_id(&h), None);
-    }
 
     #[test]
     fn json_content_types() {

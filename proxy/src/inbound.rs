@@ -29,6 +29,7 @@ use crate::relay;
 use crate::routes::split_host_port;
 use crate::server::{HttpProtocol, serve_http};
 use crate::tls::{self, ALPN_H2, ALPN_TCP};
+use crate::trace::ensure_traceparent;
 use crate::upstream::{AppClients, app_clients, connect_app};
 
 /// A peer gets this long to complete the TLS handshake.
@@ -165,6 +166,7 @@ impl Inbound {
         };
         let (mut parts, body) = req.into_parts();
         strip_identity_headers(&mut parts.headers);
+        ensure_traceparent(&mut parts.headers);
         // Keep the caller's authority (Host / :authority) so the app sees what was addressed.
         let authority = parts
             .uri

@@ -21,6 +21,7 @@ pub mod routes;
 pub mod server;
 pub mod sync;
 pub mod tls;
+pub mod trace;
 pub mod upstream;
 pub mod watch;
 

@@ -26,6 +26,7 @@ use crate::metrics::{ConnectionGuard, Direction, Metrics};
 use crate::relay;
 use crate::routes::{Route, RouteProtocol, RouteTable, split_host_port};
 use crate::server::{HttpProtocol, serve_http};
+use crate::trace::ensure_traceparent;
 use crate::upstream::{ConnectError, MeshClients, connect_mesh, find_connect_error, mesh_clients};
 
 /// The outbound side of the sidecar.
@@ -153,6 +154,8 @@ impl Outbound {
         pinned: Option<Arc<Route>>,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
+        // Before anything is decided, so every record of this call — refusals included — has a trace id.
+        ensure_traceparent(&mut parts.headers);
         let route = match pinned {
             Some(route) => route,
             None => {

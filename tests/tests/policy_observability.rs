@@ -1,5 +1,6 @@
 //! What policy decisions leave behind for operators: Prometheus metrics by direction, result and
-//! enforcement, the version in force, evaluation time; and the trace id of each call in its record.
+//! enforcement, the version in force, evaluation time; and the trace id of each call in its record
+//! (from the caller's `traceparent`, or from the one the agent's sidecar starts).
 
 use std::time::Duration;
 
@@ -137,7 +138,7 @@ async fn decision_metrics_count_by_direction_result_and_enforcement_and_name_the
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn traceparent_trace_id_is_recorded_with_the_decision_on_both_sidecars() {
+async fn every_call_carries_a_traceparent_whose_trace_id_both_sidecars_record() {
     let env = TestEnv::new("policy_trace_id");
     env.run(LIMIT, async {
         let app = App::start().await?;
@@ -162,12 +163,36 @@ async fn traceparent_trace_id_is_recorded_with_the_decision_on_both_sidecars() {
             .await?;
         ensure_eq!(inbound["trace_id"], TRACE_ID, "inbound: {inbound}");
 
+        // The app saw the traceparent it was sent, unchanged.
+        let seen = app.seen();
+        let traced_seen = seen.iter().find(|r| r.uri.ends_with("/v1/traced"));
+        ensure_eq!(
+            traced_seen.map(|r| r.header_all("traceparent")),
+            Some(vec![TRACEPARENT.to_owned()]),
+            "the app's traceparent"
+        );
+
+        // A call without traceparent starts a trace at the agent's sidecar: the same new trace id is
+        // in both sidecars' records and reaches the app.
         let record = agent
             .decision(&untraced.header("x-mandate-decision-id"))
             .await?;
+        let started = record["trace_id"].as_str().unwrap_or_default().to_owned();
         anyhow::ensure!(
-            record.get("trace_id").is_none(),
-            "a call without traceparent has no trace_id: {record}"
+            started.len() == 32 && started != TRACE_ID,
+            "a call without traceparent gets a new trace id: {record}"
+        );
+        let inbound = tool
+            .decision_where("the inbound untraced call", |r| r["path"] == "/v1/untraced")
+            .await?;
+        ensure_eq!(inbound["trace_id"], started.as_str(), "inbound: {inbound}");
+        let untraced_seen = seen.iter().find(|r| r.uri.ends_with("/v1/untraced"));
+        let app_traceparent = untraced_seen
+            .map(|r| r.header_all("traceparent"))
+            .unwrap_or_default();
+        anyhow::ensure!(
+            app_traceparent.len() == 1 && app_traceparent[0].contains(&started),
+            "the app sees the started trace: {app_traceparent:?}"
         );
 
         // A denied call keeps its trace id too.
