@@ -86,6 +86,19 @@ fn agent_svid(env: &TestEnv, agent: &Sidecar) -> anyhow::Result<Svid> {
     })
 }
 
+/// Pushes `policy(prefix)` (written as bundle directory `name`) with `mandate policy push`;
+/// returns what the command printed.
+async fn push_policy(
+    env: &TestEnv,
+    cp: &ControlPlane,
+    name: &str,
+    prefix: &str,
+) -> anyhow::Result<String> {
+    let (module, data) = policy(prefix);
+    cp.cli_ok(&["policy", "push", &policy_dir(env, name, &module, &data)?])
+        .await
+}
+
 async fn status_of(agent: &Sidecar, path: &str) -> anyhow::Result<u16> {
     Ok(
         proxy_get(agent.outbound(), &format!("http://tool:8080{path}"), &[])
@@ -121,9 +134,7 @@ async fn sidecars_enrol_by_join_token_deny_until_a_bundle_arrives_then_enforce_a
         );
         ensure_eq!(app.request_count(), 0, "nothing reached the app");
 
-        let (module, data) = policy("/allowed");
-        let dir = policy_dir(&env, "v1", &module, &data)?;
-        let pushed = cp.cli_ok(&["policy", "push", &dir]).await?;
+        let pushed = push_policy(&env, &cp, "v1", "/allowed").await?;
         anyhow::ensure!(pushed.contains('1'), "push names version 1: {pushed}");
         wait_ready(&agent).await?;
         wait_ready(&tool).await?;
@@ -207,9 +218,7 @@ async fn policy_versions_reach_sidecars_broken_ones_are_refused_and_rollback_res
         let cp = env.control_plane("cp").spawn().await?;
         let app = App::start().await?;
         let (agent, _tool) = managed_pair(&env, &cp, &app).await?;
-        let (module, data) = policy("/allowed");
-        cp.cli_ok(&["policy", "push", &policy_dir(&env, "v1", &module, &data)?])
-            .await?;
+        push_policy(&env, &cp, "v1", "/allowed").await?;
         wait_ready(&agent).await?;
         ensure_eq!(status_of(&agent, "/other").await?, 403, "v1 denies /other");
 
@@ -233,6 +242,7 @@ async fn policy_versions_reach_sidecars_broken_ones_are_refused_and_rollback_res
             out.stderr
         );
         // A bundle whose own tests fail is refused too.
+        let (module, data) = policy("/allowed");
         let failing = policy_dir(
             &env,
             "failing",
@@ -255,9 +265,7 @@ async fn policy_versions_reach_sidecars_broken_ones_are_refused_and_rollback_res
         ensure_eq!(status_of(&agent, "/other").await?, 403, "v1 still enforced");
 
         // v2 widens the prefix: the decision changes once the push arrives.
-        let (module2, data2) = policy("/");
-        cp.cli_ok(&["policy", "push", &policy_dir(&env, "v2", &module2, &data2)?])
-            .await?;
+        push_policy(&env, &cp, "v2", "/").await?;
         eventually(PUSH, "v2 allows /other", || async {
             Ok(status_of(&agent, "/other").await? == 200)
         })
@@ -290,9 +298,7 @@ async fn revoking_an_agent_denies_its_calls_within_a_second_and_cuts_its_connect
         let cp = env.control_plane("cp").spawn().await?;
         let app = App::start().await?;
         let (agent, tool) = managed_pair(&env, &cp, &app).await?;
-        let (module, data) = policy("/");
-        cp.cli_ok(&["policy", "push", &policy_dir(&env, "v1", &module, &data)?])
-            .await?;
+        push_policy(&env, &cp, "v1", "/").await?;
         wait_ready(&agent).await?;
         wait_ready(&tool).await?;
 
@@ -385,9 +391,7 @@ async fn sidecars_keep_enforcing_without_the_control_plane_and_resync_when_it_re
         let mut cp = env.control_plane("cp").spawn().await?;
         let app = App::start().await?;
         let (agent, _tool) = managed_pair(&env, &cp, &app).await?;
-        let (module, data) = policy("/allowed");
-        cp.cli_ok(&["policy", "push", &policy_dir(&env, "v1", &module, &data)?])
-            .await?;
+        push_policy(&env, &cp, "v1", "/allowed").await?;
         wait_ready(&agent).await?;
 
         cp.kill().await?;
@@ -406,9 +410,7 @@ async fn sidecars_keep_enforcing_without_the_control_plane_and_resync_when_it_re
         );
 
         cp.restart().await?;
-        let (module2, data2) = policy("/");
-        cp.cli_ok(&["policy", "push", &policy_dir(&env, "v2", &module2, &data2)?])
-            .await?;
+        push_policy(&env, &cp, "v2", "/").await?;
         eventually(
             Duration::from_secs(30),
             "the sidecar resyncs after the restart",
@@ -439,9 +441,7 @@ async fn a_sidecar_restarted_during_an_outage_enforces_its_persisted_state_then_
         let mut cp = env.control_plane("cp").spawn().await?;
         let app = App::start().await?;
         let (agent, tool) = managed_pair(&env, &cp, &app).await?;
-        let (module, data) = policy("/allowed");
-        cp.cli_ok(&["policy", "push", &policy_dir(&env, "v1", &module, &data)?])
-            .await?;
+        push_policy(&env, &cp, "v1", "/allowed").await?;
         wait_ready(&agent).await?;
         let spiffe_id = agent.id().to_owned();
 
@@ -468,9 +468,7 @@ async fn a_sidecar_restarted_during_an_outage_enforces_its_persisted_state_then_
         );
 
         cp.restart().await?;
-        let (module2, data2) = policy("/");
-        cp.cli_ok(&["policy", "push", &policy_dir(&env, "v2", &module2, &data2)?])
-            .await?;
+        push_policy(&env, &cp, "v2", "/").await?;
         eventually(
             Duration::from_secs(30),
             "the restarted sidecar resyncs with the control plane",
@@ -489,9 +487,7 @@ async fn a_sidecar_stopped_cleanly_delivers_its_last_decisions_first() {
         let cp = env.control_plane("cp").spawn().await?;
         let app = App::start().await?;
         let (mut agent, _tool) = managed_pair(&env, &cp, &app).await?;
-        let (module, data) = policy("/allowed");
-        cp.cli_ok(&["policy", "push", &policy_dir(&env, "v1", &module, &data)?])
-            .await?;
+        push_policy(&env, &cp, "v1", "/allowed").await?;
         wait_ready(&agent).await?;
 
         // Calls answered just before SIGTERM: their decisions are still queued for the next batch.
