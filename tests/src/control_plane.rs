@@ -123,7 +123,7 @@ impl ControlPlane {
             cmd.arg("--database-url").arg(url);
         }
         cmd.args(&self.args);
-        clean_env(&mut cmd);
+        crate::clean_env(&mut cmd);
         cmd.env("MANDATE_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("MANDATE_STORE_KEY", STORE_KEY)
             .env(
@@ -220,7 +220,7 @@ impl ControlPlane {
     pub async fn cli(&self, args: &[&str]) -> anyhow::Result<CliOutput> {
         let mut cmd = Command::new(crate::bin("mandate")?);
         cmd.args(args);
-        clean_env(&mut cmd);
+        crate::clean_env(&mut cmd);
         cmd.env("MANDATE_SERVER", self.url())
             .env("MANDATE_CACERT", self.ca_pem())
             .env("MANDATE_ADMIN_TOKEN", ADMIN_TOKEN)
@@ -291,15 +291,6 @@ pub fn join_token_in(out: &str) -> anyhow::Result<String> {
         .find(|w| w.starts_with("mjt1."))
         .map(str::to_owned)
         .with_context(|| format!("no join token (mjt1.…) in:\n{out}"))
-}
-
-/// Only what the harness says configures the child, never the test runner's `MANDATE_*` environment.
-fn clean_env(cmd: &mut Command) {
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("MANDATE_") {
-            cmd.env_remove(&k);
-        }
-    }
 }
 
 impl Drop for ControlPlane {

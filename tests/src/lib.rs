@@ -170,6 +170,15 @@ impl Drop for TestEnv {
     }
 }
 
+/// Only what the harness says configures a child, never the test runner's `MANDATE_*` environment.
+pub(crate) fn clean_env(cmd: &mut tokio::process::Command) {
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("MANDATE_") {
+            cmd.env_remove(&k);
+        }
+    }
+}
+
 /// Waits for `cond` to hold, re-checking every 25 ms, for at most `limit`; the error names `what`.
 ///
 /// For conditions only observable by looking (a metric, a log line, a served file), not a substitute for

@@ -301,12 +301,7 @@ impl<'a> SidecarBuilder<'a> {
             if let Some(path) = &decision_log {
                 cmd.arg("--decision-log").arg(path);
             }
-            // Only what this builder says configures the sidecar, never the test runner's environment.
-            for (k, _) in std::env::vars_os() {
-                if k.to_string_lossy().starts_with("MANDATE_") {
-                    cmd.env_remove(&k);
-                }
-            }
+            crate::clean_env(&mut cmd);
             cmd.env(
                 "MANDATE_LOG",
                 std::env::var("MANDATE_E2E_LOG").unwrap_or_else(|_| "info".to_owned()),

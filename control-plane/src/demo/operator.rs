@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 
 use ring::rand::{SecureRandom, SystemRandom};
 
-use super::process::{Process, ProcessError};
+use super::process::{Process, ProcessError, without_user_settings};
 
 /// An operator command that did not do what it was asked.
 #[derive(Debug, thiserror::Error)]
@@ -101,11 +101,7 @@ impl ControlPlane {
         let command_line = args.join(" ");
         let mut command = Command::new(&self.mandate);
         command.args(args);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("MANDATE_") {
-                command.env_remove(&key);
-            }
-        }
+        without_user_settings(&mut command);
         command
             .env("MANDATE_SERVER", self.url())
             .env("MANDATE_CACERT", self.ca_pem())

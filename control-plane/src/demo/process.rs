@@ -91,6 +91,18 @@ impl SidecarSpec {
     }
 }
 
+/// Removes the user's `MANDATE_*` settings (routes, config file, server, …) from a child's
+/// environment: they would change what the demo shows. Only the log level is passed on, to debug
+/// a demo that fails.
+pub fn without_user_settings(command: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        let key_str = key.to_string_lossy();
+        if key_str.starts_with("MANDATE_") && key_str != "MANDATE_LOG" {
+            command.env_remove(&key);
+        }
+    }
+}
+
 /// How a sidecar ended when asked to stop.
 #[derive(Debug, Clone, Copy)]
 pub enum Stopped {
@@ -138,14 +150,7 @@ impl Process {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);
-        // The user's MANDATE_* settings (routes, config file, …) would change what the demo shows;
-        // only the log level is worth passing on, to debug a demo that fails.
-        for (key, _) in std::env::vars_os() {
-            let key_str = key.to_string_lossy();
-            if key_str.starts_with("MANDATE_") && key_str != "MANDATE_LOG" {
-                command.env_remove(&key);
-            }
-        }
+        without_user_settings(&mut command);
         command.envs(envs.iter().copied());
         let child = command.spawn().map_err(|source| ProcessError::Spawn {
             bin: bin.to_owned(),
