@@ -75,8 +75,8 @@ impl Revocations {
     /// connection of one of them is closed. Returns the IDs that became inactive with it.
     pub fn apply(&self, registry: &Registry) -> Vec<String> {
         let next: HashMap<String, WorkloadStatus> = registry
-            .inactive_ids()
-            .filter_map(|id| Some((id.to_owned(), registry.entry_for(id)?.status)))
+            .inactive()
+            .map(|e| (e.spiffe_id.clone(), e.status))
             .collect();
         let previous = self.inactive.swap(Arc::new(next.clone()));
         let newly: Vec<String> = next

@@ -78,13 +78,17 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// SPIFFE IDs whose status is not active: their calls are denied and their certificates refused.
-    pub fn inactive_ids(&self) -> impl Iterator<Item = &str> {
+    /// Entries whose status is not active: their calls are denied and their certificates refused.
+    pub fn inactive(&self) -> impl Iterator<Item = &RegistryEntry> {
         self.agents
             .values()
             .chain(self.services.values())
             .filter(|e| e.status != WorkloadStatus::Active)
-            .map(|e| e.spiffe_id.as_str())
+    }
+
+    /// The SPIFFE IDs of the [`inactive`](Self::inactive) entries.
+    pub fn inactive_ids(&self) -> impl Iterator<Item = &str> {
+        self.inactive().map(|e| e.spiffe_id.as_str())
     }
 
     /// The entry for a SPIFFE ID, if registered.
