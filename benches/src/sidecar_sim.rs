@@ -349,6 +349,7 @@ pub fn decision(identity: &str, tool_id: &str, trace: u64) -> DecisionRecord {
             name: Some("search".to_owned()),
         }),
         delegation: None,
+        approval: None,
         allow: true,
         enforced: true,
         reason: "allowed: tools/call search is within the agent's ceiling".to_owned(),

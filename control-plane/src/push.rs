@@ -52,12 +52,14 @@ impl Snapshot {
                 bundle: Some(b.clone()),
                 registry: None,
                 trust_bundle: None,
+                delegation: None,
             })
         });
         let registry_line = line(&StreamMessage::Update {
             bundle: None,
             registry: Some(registry.clone()),
             trust_bundle: None,
+            delegation: None,
         });
         let statuses = registry
             .agents
@@ -104,6 +106,7 @@ impl Snapshot {
             bundle,
             registry,
             trust_bundle: Some(self.trust_bundle.clone()),
+            delegation: None,
         })
     }
 }
@@ -496,6 +499,7 @@ mod tests {
             bundle: b,
             registry: r,
             trust_bundle: t,
+            ..
         } = everything
         else {
             panic!("not an update");
@@ -507,18 +511,21 @@ mod tests {
         let up_to_date = StreamQuery {
             policy_version: Some(3),
             registry_revision: Some(7),
+            delegation_revision: None,
         };
         assert_eq!(
             parse(&snap.first_line(&up_to_date)),
             StreamMessage::Update {
                 bundle: None,
                 registry: None,
-                trust_bundle: Some("PEM".into())
+                trust_bundle: Some("PEM".into()),
+                delegation: None,
             }
         );
         let old_registry = StreamQuery {
             policy_version: Some(3),
             registry_revision: Some(6),
+            delegation_revision: None,
         };
         let StreamMessage::Update {
             bundle: b,
@@ -533,6 +540,7 @@ mod tests {
         let ahead = StreamQuery {
             policy_version: Some(4),
             registry_revision: Some(7),
+            delegation_revision: None,
         };
         let StreamMessage::Update { bundle: b, .. } = parse(&snap.first_line(&ahead)) else {
             panic!("not an update");
@@ -554,7 +562,8 @@ mod tests {
             StreamMessage::Update {
                 bundle: None,
                 registry: Some(_),
-                trust_bundle: Some(_)
+                trust_bundle: Some(_),
+                ..
             }
         ));
         assert_eq!(hub.connected().len(), 1);
@@ -569,6 +578,7 @@ mod tests {
             bundle: b,
             registry: r,
             trust_bundle: t,
+            ..
         } = parse(&stream.next().await.unwrap().unwrap())
         else {
             panic!("not an update");
@@ -625,6 +635,7 @@ mod tests {
             StreamQuery {
                 policy_version: None,
                 registry_revision: Some(1),
+                delegation_revision: None,
             },
         ));
         stream.next().await.unwrap().unwrap();

@@ -481,6 +481,7 @@ impl Authorizer {
             path: summary.path.clone(),
             mcp,
             delegation: None,
+            approval: None,
             allow: d.allow,
             enforced: d.enforced,
             reason: d.reason.clone(),

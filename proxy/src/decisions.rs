@@ -107,6 +107,7 @@ mod tests {
             path: Some("/".into()),
             mcp: None,
             delegation: None,
+            approval: None,
             allow: true,
             enforced: true,
             reason: "ok".into(),

@@ -192,6 +192,7 @@ fn record(id: usize) -> DecisionRecord {
         path: Some("/".into()),
         mcp: None,
         delegation: None,
+        approval: None,
         allow: true,
         enforced: true,
         reason: "ok".into(),
@@ -485,6 +486,7 @@ async fn a_managed_pair_enrols_serves_enforces_pushed_bundles_reports_and_obeys_
         bundle: Some(cp.bundle(1, POLICY, "{}")),
         registry: Some(active.clone()),
         trust_bundle: Some(cp.state.ca.cert_pem().to_owned()),
+        delegation: None,
     });
     eventually("the agent's call allowed by bundle 1", async || {
         get(agent.outbound, "tool", "/x").await.0 == 200
@@ -504,6 +506,7 @@ async fn a_managed_pair_enrols_serves_enforces_pushed_bundles_reports_and_obeys_
         bundle: Some(sign_bundle(&stranger, 2, DENY_ALL, "{}")),
         registry: None,
         trust_bundle: None,
+        delegation: None,
     });
     eventually("the bad bundle counted as rejected", async || {
         let (_, metrics) = get(agent.admin, "admin", "/metrics").await;
@@ -548,6 +551,7 @@ async fn a_managed_pair_enrols_serves_enforces_pushed_bundles_reports_and_obeys_
         bundle: None,
         registry: Some(revoked),
         trust_bundle: None,
+        delegation: None,
     });
     eventually("the revoked agent's call denied", async || {
         get(agent.outbound, "tool", "/x").await.0 == 403

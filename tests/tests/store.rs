@@ -254,6 +254,7 @@ fn decision(
             grant_id: "grant-1".into(),
             actors: vec![source.into()],
         }),
+        approval: None,
         allow,
         enforced: true,
         reason: if allow {

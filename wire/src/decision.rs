@@ -50,6 +50,9 @@ pub struct DecisionRecord {
     /// On whose behalf, when the call carried a verified delegation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delegation: Option<DelegationRecord>,
+    /// The person's approval the call was allowed under, when the policy required one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalRecord>,
     /// The policy's verdict.
     pub allow: bool,
     /// False in dry-run: the verdict was logged, not applied.
@@ -107,4 +110,14 @@ pub struct DelegationRecord {
     /// The chain of agents, oldest first.
     #[serde(default)]
     pub actors: Vec<String>,
+}
+
+/// Approval part of a recorded call: which approval was redeemed, and who gave it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalRecord {
+    /// The approval id (as in `x-mandate-approval`).
+    pub id: String,
+    /// Who approved.
+    pub approved_by: String,
 }

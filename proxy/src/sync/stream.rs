@@ -79,6 +79,7 @@ pub fn resume_path(applier: &Applier) -> String {
     let query = StreamQuery {
         policy_version,
         registry_revision,
+        delegation_revision: None,
     };
     let mut path = String::from(STREAM_PATH);
     let mut sep = '?';
@@ -143,6 +144,7 @@ fn handle_line(applier: &Applier, line: &[u8]) {
             bundle,
             registry,
             trust_bundle,
+            delegation: _,
         }) => {
             applier.apply(bundle, registry, trust_bundle);
         }
