@@ -1,4 +1,6 @@
-//! Admin listener: `/metrics`, `/healthz`, `/readyz` and `/config` (never any secret).
+//! Admin listener: `/metrics`, `/healthz`, `/readyz` and `/config` (never any secret), and
+//! `POST /delegation/token`, through which the agent next to this sidecar obtains its delegation
+//! tokens (the listener is loopback by default: only the agent's pod or host reaches it).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -6,17 +8,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use mandate_wire::TokenRequest;
+
 use crate::authz::Authorizer;
 use crate::config::{Config, Mode};
+use crate::delegation::ControlPlaneCalls;
 use crate::identity::IdentityStore;
 use crate::metrics::Metrics;
+use crate::sync::client::ClientError;
 
 /// State the admin endpoints report on.
 pub struct Admin {
@@ -24,6 +30,8 @@ pub struct Admin {
     identity: Arc<IdentityStore>,
     /// Present when a policy is configured: readiness then needs a loaded policy.
     authz: Option<Arc<Authorizer>>,
+    /// Managed mode: where delegation tokens are issued.
+    control_plane: Option<Arc<dyn ControlPlaneCalls>>,
     /// Listeners bound and not draining.
     ready: Arc<AtomicBool>,
     /// The effective configuration minus identity, rendered once: it does not change at run time.
@@ -37,6 +45,7 @@ impl Admin {
         metrics: Arc<Metrics>,
         identity: Arc<IdentityStore>,
         authz: Option<Arc<Authorizer>>,
+        control_plane: Option<Arc<dyn ControlPlaneCalls>>,
         ready: Arc<AtomicBool>,
     ) -> Self {
         let routes: Vec<_> = config.routes.iter().map(|r| json!(r.as_ref())).collect();
@@ -78,6 +87,7 @@ impl Admin {
             metrics,
             identity,
             authz,
+            control_plane,
             ready,
             config: rendered,
         }
@@ -91,9 +101,16 @@ impl Admin {
             };
             let this = self.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.handle(&req)) }
+                    async move {
+                        let resp = if req.uri().path() == TOKEN_PATH {
+                            this.delegation_token(req).await
+                        } else {
+                            this.handle(&req)
+                        };
+                        Ok::<_, Infallible>(resp)
+                    }
                 });
                 let _ = http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
@@ -138,8 +155,82 @@ impl Admin {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /healthz, /readyz or /config\n",
+                "not found: try /metrics, /healthz, /readyz, /config or POST /delegation/token\n",
             ),
+        }
+    }
+
+    /// `POST /delegation/token` `{grant_id, audience?}`: a delegation token from one of our
+    /// agent's grants, issued by the control plane to our SVID (and bound to it). Answers the
+    /// control plane's `IssuedToken`, or `{"error", "reason"}`.
+    async fn delegation_token(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.method() != Method::POST {
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use POST with {\"grant_id\": ID, \"audience\": [SPIFFE IDs] (optional)}",
+            );
+        }
+        let Some(cp) = &self.control_plane else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_managed",
+                "delegation tokens come from the control plane, and this sidecar runs standalone (no --control-plane)",
+            );
+        };
+        let body = match Limited::new(req.into_body(), MAX_TOKEN_REQUEST)
+            .collect()
+            .await
+        {
+            Ok(body) => body.to_bytes(),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!(
+                        "request body could not be read (at most {MAX_TOKEN_REQUEST} bytes): {e}"
+                    ),
+                );
+            }
+        };
+        let request: TokenRequest = match serde_json::from_slice(&body) {
+            Ok(request) => request,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!(
+                        "body must be {{\"grant_id\": ID, \"audience\": [SPIFFE IDs] (optional)}}: {e}"
+                    ),
+                );
+            }
+        };
+        let grant_id = request.grant_id.clone();
+        match cp.issue_token(request).await {
+            Ok(issued) => {
+                tracing::info!(%grant_id, expires_at = issued.expires_at, "delegation token issued to the agent");
+                json(
+                    StatusCode::OK,
+                    &serde_json::to_value(&issued).unwrap_or_default(),
+                )
+            }
+            Err(ClientError::Api { status, error: why }) => {
+                tracing::warn!(%grant_id, %status, error = %why, "the control plane refused a delegation token");
+                let status = if status.is_client_error() {
+                    status
+                } else {
+                    StatusCode::BAD_GATEWAY
+                };
+                error(status, "token_refused", &why)
+            }
+            Err(e) => {
+                tracing::warn!(%grant_id, error = %e, "cannot obtain a delegation token");
+                error(
+                    StatusCode::BAD_GATEWAY,
+                    "control_plane_unavailable",
+                    &e.to_string(),
+                )
+            }
         }
     }
 
@@ -160,6 +251,25 @@ impl Admin {
                 })
         }
     }
+}
+
+/// Where the agent asks for a delegation token.
+const TOKEN_PATH: &str = "/delegation/token";
+/// Largest token request body read.
+const MAX_TOKEN_REQUEST: usize = 16 * 1024;
+
+fn json(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn error(status: StatusCode, error: &str, reason: &str) -> Response<Full<Bytes>> {
+    json(status, &json!({"error": error, "reason": reason}))
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {

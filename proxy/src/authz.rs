@@ -16,18 +16,27 @@ use mandate_rego::Value;
 use serde_json::json;
 use uuid::Uuid;
 
-use mandate_wire::{DecisionRecord, DestinationRecord, McpRecord};
+use mandate_wire::delegation::APPROVAL_ID_HEADER;
+use mandate_wire::{
+    ApprovalRecord, ApprovalRequest, DecisionRecord, DelegationRecord, DestinationRecord,
+    McpRecord, RedeemRequest,
+};
 
+use crate::approval::{self, CallShape};
 use crate::decisions::DecisionLog;
+use crate::delegation::{ControlPlaneCalls, Presented, Verified};
 use crate::headers::{ProxyBody, json_response};
 use crate::input::{self, CallFacts, Destination, RequestFacts};
 use crate::mcp::{self, Call, Rpc};
 use crate::metrics::{Direction, Metrics};
 use crate::policy::PolicyStore;
+use crate::sync::client::ClientError;
 use crate::sync::report::DecisionQueue;
 
 /// Response header naming the decision.
 pub static DECISION_ID: HeaderName = HeaderName::from_static("x-mandate-decision-id");
+/// Response header naming the approval asked for.
+pub static APPROVAL_ID: HeaderName = HeaderName::from_static(APPROVAL_ID_HEADER);
 
 /// How decisions are applied.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -55,6 +64,15 @@ pub struct Decision {
     pub policy_version: Option<String>,
     /// Evaluation time.
     pub eval: Duration,
+    /// The policy asked for a person's approval (`allow` stays false until one is redeemed).
+    pub require_approval: bool,
+    /// The approval the call went ahead on.
+    pub approval: Option<ApprovalRecord>,
+    /// The approval asked for on this refusal (`approval_id` in the answer).
+    pub approval_id: Option<String>,
+    /// The `error` word of a refusal: `denied`, `delegation_refused`, `approval_required`,
+    /// `approval_refused`.
+    pub error: &'static str,
 }
 
 impl Decision {
@@ -67,6 +85,10 @@ impl Decision {
             reason,
             policy_version: None,
             eval: Duration::ZERO,
+            require_approval: false,
+            approval: None,
+            approval_id: None,
+            error: "denied",
         }
     }
 
@@ -89,6 +111,7 @@ struct CallSummary {
     method: Option<String>,
     path: Option<String>,
     trace_id: Option<String>,
+    delegation: Option<DelegationRecord>,
 }
 
 /// An authorised HTTP call on its way upstream, to be recorded once the response is known.
@@ -101,6 +124,31 @@ impl AuthorizedHttp {
     /// `x-mandate-decision-id` for the call (its first decision; a batch has one per element).
     pub fn decision_id(&self) -> Option<HeaderValue> {
         self.decisions.first().map(|(d, _)| d.header_value())
+    }
+
+    /// The approval the call goes ahead on, when the policy required one.
+    pub fn approval(&self) -> Option<&ApprovalRecord> {
+        self.decisions.iter().find_map(|(d, _)| d.approval.as_ref())
+    }
+}
+
+/// What a call carried besides the request itself, read before caller-sent identity headers are
+/// stripped.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    /// The delegation token, verified or refused.
+    pub delegation: Presented,
+    /// `x-mandate-approval`: the approval to redeem (an error when it is not an approval id).
+    pub approval: Option<Result<String, String>>,
+    /// Inbound: the approval the caller's sidecar redeemed for this call (`x-mandate-approval`
+    /// with `x-mandate-approved-by`), as `{id, approved_by}`.
+    pub attested: Option<ApprovalRecord>,
+}
+
+impl Credentials {
+    /// The verified delegation, if any.
+    pub fn verified(&self) -> Option<&Verified> {
+        self.delegation.verified().map(|v| &**v)
     }
 }
 
@@ -120,6 +168,8 @@ pub struct Authorizer {
     metrics: Arc<Metrics>,
     enforcement: Enforcement,
     sidecar: String,
+    /// Where approvals are asked for and redeemed (managed mode).
+    control_plane: Option<Arc<dyn ControlPlaneCalls>>,
 }
 
 impl Authorizer {
@@ -139,7 +189,14 @@ impl Authorizer {
             metrics,
             enforcement,
             sidecar,
+            control_plane: None,
         }
+    }
+
+    /// Asks `cp` for approvals and redeems them there (managed mode).
+    pub fn with_control_plane(mut self, cp: Arc<dyn ControlPlaneCalls>) -> Self {
+        self.control_plane = Some(cp);
+        self
     }
 
     /// Whether a policy is in force (readiness).
@@ -163,9 +220,11 @@ impl Authorizer {
         }
     }
 
+    /// Evaluates the policy for one call. Not counted: callers count the final decision (an
+    /// approval may still change it).
     fn decide(&self, facts: &CallFacts<'_>) -> Decision {
         let id = Uuid::now_v7();
-        let decision = match self.policy.current() {
+        match self.policy.current() {
             None => self.unusable(
                 id,
                 None,
@@ -181,13 +240,19 @@ impl Authorizer {
                 let eval = start.elapsed();
                 self.metrics.policy_eval.observe(eval.as_secs_f64());
                 let version = Some(loaded.version().to_owned());
-                match result {
-                    Ok(verdict) => Decision {
+                let verdict = result.map_err(|e| e.to_string()).and_then(|verdict| {
+                    approval::requires_approval(&verdict.document).map(|req| (verdict, req))
+                });
+                match verdict {
+                    Ok((verdict, require_approval)) => Decision {
                         id,
-                        allow: verdict.allow,
+                        // An approval is asked for whatever `allow` says: it is redeemed first.
+                        allow: verdict.allow && !require_approval,
                         enforced: !self.enforcement.dry_run,
                         reason: verdict.reason.unwrap_or_else(|| {
-                            if verdict.allow {
+                            if require_approval {
+                                "the policy requires a person's approval"
+                            } else if verdict.allow {
                                 "allowed by policy"
                             } else {
                                 "denied by policy"
@@ -196,14 +261,15 @@ impl Authorizer {
                         }),
                         policy_version: version,
                         eval,
+                        require_approval,
+                        approval: None,
+                        approval_id: None,
+                        error: "denied",
                     },
-                    Err(e) => self.unusable(id, version, e.to_string(), eval),
+                    Err(e) => self.unusable(id, version, e, eval),
                 }
             }
-        };
-        self.metrics
-            .decision(facts.direction, decision.allow, decision.enforced);
-        decision
+        }
     }
 
     /// No usable verdict: deny, unless fail-open was chosen.
@@ -226,7 +292,16 @@ impl Authorizer {
             },
             policy_version,
             eval,
+            require_approval: false,
+            approval: None,
+            approval_id: None,
+            error: "denied",
         }
+    }
+
+    /// Counts a final decision.
+    fn count(&self, direction: Direction, d: &Decision) {
+        self.metrics.decision(direction, d.allow, d.enforced);
     }
 
     /// A refusal taken before policy (malformed or oversized body): recorded like any decision.
@@ -236,6 +311,7 @@ impl Authorizer {
     }
 
     /// Decides an opaque TCP connection or `CONNECT` tunnel, once, on identity and destination.
+    /// It carries no delegation, and no approval: a policy asking for one is a refusal.
     pub fn authorize_tcp(
         &self,
         direction: Direction,
@@ -248,8 +324,16 @@ impl Authorizer {
             destination,
             request: None,
             mcp: None,
+            delegation: None,
         };
-        let decision = self.decide(&facts);
+        let mut decision = self.decide(&facts);
+        if decision.require_approval {
+            decision.reason = format!(
+                "approval required, but a TCP connection cannot carry one: {}",
+                decision.reason
+            );
+        }
+        self.count(direction, &decision);
         let summary = summarize(&facts, None);
         self.record(&summary, &decision, None, None);
         if !decision.proceeds() {
@@ -259,7 +343,10 @@ impl Authorizer {
     }
 
     /// Decides an HTTP call; returns the body to forward (read, if it was read for policy).
-    /// `Err` is the response to send instead of forwarding.
+    /// `Err` is the response to send instead of forwarding. `credentials` is what the call carried
+    /// (delegation token, approval): a refused token refuses the call before policy; a policy
+    /// that requires approval has it asked for or redeemed here.
+    #[allow(clippy::too_many_arguments)]
     pub async fn authorize_http(
         &self,
         direction: Direction,
@@ -268,7 +355,9 @@ impl Authorizer {
         scheme: &'static str,
         parts: &Parts,
         body: Incoming,
+        credentials: &Credentials,
     ) -> Result<(ProxyBody, AuthorizedHttp), Response<ProxyBody>> {
+        let delegation = credentials.verified();
         let summary = summarize(
             &CallFacts {
                 direction,
@@ -276,6 +365,7 @@ impl Authorizer {
                 destination,
                 request: None,
                 mcp: None,
+                delegation,
             },
             Some(parts),
         );
@@ -366,6 +456,32 @@ impl Authorizer {
             return Err(resp);
         }
 
+        // A presented token that did not verify: refused before policy, whatever the policy says.
+        if let Presented::Refused(refusal) = &credentials.delegation {
+            let mut d = self.refusal(direction, refusal.reason.clone());
+            d.error = "delegation_refused";
+            tracing::info!(
+                direction = direction.as_str(),
+                source = %source,
+                destination = %destination.host,
+                reason = %d.reason,
+                decision_id = %d.id,
+                "call refused: its delegation token did not verify"
+            );
+            let calls = rpc.as_ref().map_or(&[][..], Rpc::calls);
+            let resp = match &rpc {
+                Some(rpc) if calls.iter().any(Call::expects_response) => refused_jsonrpc(rpc, &d),
+                _ => denied_http(StatusCode::FORBIDDEN, d.error, &d),
+            };
+            self.record(
+                &summary,
+                &d,
+                calls.first().map(mcp_record),
+                Some(resp.status()),
+            );
+            return Err(resp);
+        }
+
         let request = RequestFacts {
             parts,
             scheme,
@@ -376,7 +492,7 @@ impl Authorizer {
             None => vec![None],
             Some(rpc) => rpc.calls().iter().map(Some).collect(),
         };
-        let decisions: Vec<(Decision, Option<&Call>)> = calls
+        let mut decisions: Vec<(Decision, Option<&Call>)> = calls
             .into_iter()
             .map(|call| {
                 let facts = CallFacts {
@@ -385,10 +501,46 @@ impl Authorizer {
                     destination,
                     request: Some(request),
                     mcp: call,
+                    delegation,
                 };
                 (self.decide(&facts), call)
             })
             .collect();
+
+        if decisions.iter().any(|(d, _)| d.require_approval) {
+            if decisions.len() > 1 {
+                for (d, _) in decisions.iter_mut().filter(|(d, _)| d.require_approval) {
+                    d.reason = format!(
+                        "approval required: {}; a call that needs approval must be sent alone, not in a JSON-RPC batch",
+                        d.reason
+                    );
+                }
+            } else {
+                let (d, call) = &mut decisions[0];
+                let shape = CallShape {
+                    source: source.as_str(),
+                    host: destination.host,
+                    port: destination.port,
+                    method: parts.method.as_str(),
+                    path: parts
+                        .uri
+                        .path_and_query()
+                        .map_or(parts.uri.path(), |p| p.as_str()),
+                    mcp_method: call.and_then(|c| c.method.as_deref()),
+                    name: call.and_then(|c| c.name.as_deref()),
+                    arguments: match call {
+                        Some(c) => Some(&c.input["arguments"]).filter(|a| **a != Value::Undefined),
+                        None => json.as_ref(),
+                    },
+                    subject: delegation.map(Verified::subject),
+                };
+                self.resolve_approval(d, &shape, credentials, delegation)
+                    .await;
+            }
+        }
+        for (d, _) in &decisions {
+            self.count(direction, d);
+        }
 
         if let Some((denied, _)) = decisions.iter().find(|(d, _)| !d.proceeds()) {
             tracing::info!(
@@ -403,7 +555,7 @@ impl Authorizer {
                 Some(rpc) if rpc.calls().iter().any(Call::expects_response) => {
                     denied_jsonrpc(rpc, &decisions)
                 }
-                _ => denied_http(StatusCode::FORBIDDEN, "denied", denied),
+                _ => denied_http(StatusCode::FORBIDDEN, denied.error, denied),
             };
             for (d, call) in &decisions {
                 self.record(&summary, d, call.map(mcp_record), Some(resp.status()));
@@ -422,6 +574,91 @@ impl Authorizer {
         ))
     }
 
+    /// The policy asked for approval of this (single) call: take the approval the caller's
+    /// sidecar redeemed (inbound), redeem the one the call carries, or ask for one. Dry-run asks
+    /// nobody: the call is recorded as refused and forwarded.
+    async fn resolve_approval(
+        &self,
+        d: &mut Decision,
+        shape: &CallShape<'_>,
+        credentials: &Credentials,
+        delegation: Option<&Verified>,
+    ) {
+        if !d.enforced {
+            d.reason = format!("approval required: {}", d.reason);
+            return;
+        }
+        if let Some(attested) = &credentials.attested {
+            d.allow = true;
+            d.reason = format!(
+                "approved by {} (approval {}, redeemed by the caller's sidecar)",
+                attested.approved_by, attested.id
+            );
+            d.approval = Some(attested.clone());
+            return;
+        }
+        let Some(cp) = &self.control_plane else {
+            d.reason = format!(
+                "approval required, but this sidecar has no control plane to ask: {}",
+                d.reason
+            );
+            return;
+        };
+        let fingerprint = approval::fingerprint(shape);
+        match &credentials.approval {
+            Some(Err(why)) => {
+                d.error = "approval_refused";
+                d.reason = format!("approval refused: {why}");
+                self.metrics.approval("refused");
+            }
+            Some(Ok(id)) => match cp.redeem(id.clone(), RedeemRequest { fingerprint }).await {
+                Ok(redeemed) => {
+                    self.metrics.approval("redeemed");
+                    d.allow = true;
+                    d.reason = format!("approved by {} (approval {id})", redeemed.approved_by);
+                    d.approval = Some(ApprovalRecord {
+                        id: id.clone(),
+                        approved_by: redeemed.approved_by,
+                    });
+                }
+                Err(e) => {
+                    self.metrics.approval("refused");
+                    d.error = "approval_refused";
+                    d.reason = format!("approval {id} refused: {}", cp_words(&e));
+                }
+            },
+            None => {
+                let request = ApprovalRequest {
+                    decision_id: d.id.to_string(),
+                    fingerprint,
+                    action: describe(shape),
+                    reason: d.reason.clone(),
+                    subject: delegation.map(|v| v.claims.sub.clone()),
+                    grant_id: delegation.map(|v| v.claims.grant_id.clone()),
+                    policy_version: d.policy_version.clone(),
+                };
+                match cp.request_approval(request).await {
+                    Ok(ticket) => {
+                        self.metrics.approval("requested");
+                        d.error = "approval_required";
+                        d.reason = format!(
+                            "approval required: {} (approval {} requested: retry with x-mandate-approval: {} once a person has approved it)",
+                            d.reason, ticket.id, ticket.id
+                        );
+                        d.approval_id = Some(ticket.id);
+                    }
+                    Err(e) => {
+                        d.reason = format!(
+                            "approval required, but asking the control plane for it failed ({}): {}",
+                            cp_words(&e),
+                            d.reason
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// Records a call refused before policy could decide it (no route, an inactive workload), and
     /// returns its decision. `parts` is the HTTP request, absent for TCP.
     pub fn refuse(
@@ -438,6 +675,7 @@ impl Authorizer {
             destination,
             request: None,
             mcp: None,
+            delegation: None,
         };
         let decision = self.refusal(direction, reason);
         self.record(
@@ -480,8 +718,8 @@ impl Authorizer {
             method: summary.method.clone(),
             path: summary.path.clone(),
             mcp,
-            delegation: None,
-            approval: None,
+            delegation: summary.delegation.clone(),
+            approval: d.approval.clone(),
             allow: d.allow,
             enforced: d.enforced,
             reason: d.reason.clone(),
@@ -515,6 +753,33 @@ fn summarize(facts: &CallFacts<'_>, parts: Option<&Parts>) -> CallSummary {
         method: parts.map(|p| p.method.to_string()),
         path: parts.map(|p| p.uri.path().to_owned()),
         trace_id: parts.and_then(|p| crate::trace::trace_id(&p.headers)),
+        delegation: facts.delegation.map(Verified::record),
+    }
+}
+
+/// The control plane's own words for a refusal, else the error.
+fn cp_words(e: &ClientError) -> String {
+    match e {
+        ClientError::Api { error, .. } => error.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The call, described for the person asked to approve it.
+fn describe(shape: &CallShape<'_>) -> String {
+    let on_behalf = shape
+        .subject
+        .map(|s| format!(" on behalf of {s}"))
+        .unwrap_or_default();
+    match (shape.mcp_method, shape.name) {
+        (Some(method), Some(name)) => format!(
+            "{} calls {method} {name} at {}:{}{on_behalf}",
+            shape.source, shape.host, shape.port
+        ),
+        _ => format!(
+            "{} calls {} {}:{}{}{on_behalf}",
+            shape.source, shape.method, shape.host, shape.port, shape.path
+        ),
     }
 }
 
@@ -550,7 +815,11 @@ fn is_json(parts: &Parts) -> bool {
 }
 
 fn decision_data(d: &Decision) -> serde_json::Value {
-    json!({"reason": d.reason, "decision_id": d.id.to_string(), "policy_version": d.policy_version})
+    let mut data = json!({"reason": d.reason, "decision_id": d.id.to_string(), "policy_version": d.policy_version});
+    if let Some(id) = &d.approval_id {
+        data["approval_id"] = json!(id);
+    }
+    data
 }
 
 /// The 403 JSON body of DESIGN.md for a denied call.
@@ -558,14 +827,19 @@ pub fn denied_response(d: &Decision) -> Response<ProxyBody> {
     denied_http(StatusCode::FORBIDDEN, "denied", d)
 }
 
+/// A 403 JSON body with another `error` word (`delegation_refused`, ...).
+pub fn refused_response(error: &str, d: &Decision) -> Response<ProxyBody> {
+    denied_http(StatusCode::FORBIDDEN, error, d)
+}
+
 /// The 403 (or other status) JSON body of DESIGN.md.
 fn denied_http(status: StatusCode, error: &str, d: &Decision) -> Response<ProxyBody> {
-    let mut resp = json_response(
-        status,
-        &json!({"error": error, "reason": d.reason, "decision_id": d.id.to_string(), "policy_version": d.policy_version}),
-    );
-    resp.headers_mut()
-        .insert(DECISION_ID.clone(), d.header_value());
+    let mut body = json!({"error": error, "reason": d.reason, "decision_id": d.id.to_string(), "policy_version": d.policy_version});
+    if let Some(id) = &d.approval_id {
+        body["approval_id"] = json!(id);
+    }
+    let mut resp = json_response(status, &body);
+    stamp_decision(&mut resp, d);
     resp
 }
 
@@ -575,9 +849,50 @@ fn jsonrpc_response(
     d: &Decision,
 ) -> Response<ProxyBody> {
     let mut resp = json_response(status, body);
+    stamp_decision(&mut resp, d);
+    resp
+}
+
+/// `x-mandate-decision-id`, and `x-mandate-approval-id` when an approval was asked for.
+fn stamp_decision(resp: &mut Response<ProxyBody>, d: &Decision) {
     resp.headers_mut()
         .insert(DECISION_ID.clone(), d.header_value());
-    resp
+    if let Some(id) = d
+        .approval_id
+        .as_deref()
+        .and_then(|id| HeaderValue::from_str(id).ok())
+    {
+        resp.headers_mut().insert(APPROVAL_ID.clone(), id);
+    }
+}
+
+/// The JSON-RPC message of a refusal: the policy's reason for a denial, the reason itself for the
+/// sidecar's own refusals (which say what they are).
+fn refusal_message(d: &Decision) -> String {
+    if d.error == "denied" {
+        format!("denied by policy: {}", d.reason)
+    } else {
+        d.reason.clone()
+    }
+}
+
+/// JSON-RPC errors for a message or batch refused as a whole by one decision taken before policy
+/// (a delegation token that did not verify).
+fn refused_jsonrpc(rpc: &Rpc, d: &Decision) -> Response<ProxyBody> {
+    let message = refusal_message(d);
+    let error_for =
+        |call: &Call| mcp::error_response(&call.id, mcp::DENIED, &message, decision_data(d));
+    let body = match rpc {
+        Rpc::Single(call) => error_for(call),
+        Rpc::Batch(calls) => serde_json::Value::Array(
+            calls
+                .iter()
+                .filter(|c| c.expects_response())
+                .map(error_for)
+                .collect(),
+        ),
+    };
+    jsonrpc_response(StatusCode::OK, &body, d)
 }
 
 /// JSON-RPC errors for a denied message or batch; a batch is refused whole.
@@ -598,7 +913,7 @@ fn denied_jsonrpc(rpc: &Rpc, decisions: &[(Decision, Option<&Call>)]) -> Respons
                 decision_data(denied),
             )
         } else {
-            (format!("denied by policy: {}", d.reason), decision_data(d))
+            (refusal_message(d), decision_data(d))
         };
         mcp::error_response(&call.id, mcp::DENIED, &message, data)
     };

@@ -139,6 +139,9 @@ pub struct Identity {
     pub resolver: Arc<SvidResolver>,
     /// The trust bundle's CA certificates.
     pub roots: Arc<RootCertStore>,
+    /// `x5t#S256` of our leaf certificate: what delegation tokens our agent presents are bound to.
+    /// Computed once per identity, not per call.
+    pub thumbprint: String,
     pem: IdentityPem,
     /// SHA-256 over the three parts: an event that changes nothing is not a reload.
     fingerprint: [u8; 32],
@@ -231,6 +234,7 @@ impl Identity {
             client_h2: client(ALPN_H2)?,
             client_tcp: client(ALPN_TCP)?,
             fingerprint: fingerprint(&pem),
+            thumbprint: mandate_wire::delegation::thumbprint(leaf.as_ref()),
             svid,
             resolver,
             roots,

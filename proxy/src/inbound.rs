@@ -20,7 +20,11 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::authz::{AuthorizedHttp, Authorizer, DECISION_ID};
+use crate::approval::{APPROVED_BY, approval_id};
+use crate::authz::{AuthorizedHttp, Authorizer, Credentials, DECISION_ID, Decision};
+use crate::delegation::{
+    self, APPROVAL, ControlPlaneCalls, DELEGATION, Exchanges, Presented, Presenter, Verifier,
+};
 use crate::headers::{ProxyBody, json_response, strip_identity_headers};
 use crate::identity::IdentityStore;
 use crate::input::Destination;
@@ -45,6 +49,10 @@ pub struct Inbound {
     metrics: Arc<Metrics>,
     app: Option<(SocketAddr, AppClients)>,
     authz: Option<Arc<Authorizer>>,
+    delegation: Arc<Verifier>,
+    /// Managed mode: where an agent's sidecar exchanges incoming tokens for its app.
+    control_plane: Option<Arc<dyn ControlPlaneCalls>>,
+    exchanges: Exchanges,
     cancel: CancellationToken,
 }
 
@@ -53,25 +61,73 @@ struct PeerStamp {
     id: SpiffeId,
     peer: HeaderValue,
     xfcc: HeaderValue,
+    /// `x5t#S256` of the peer's leaf: what tokens it presents must be bound to.
+    thumbprint: String,
 }
 
 impl Inbound {
-    /// Inbound side forwarding to `app` (if any).
+    /// Inbound side forwarding to `app` (if any). Delegation tokens peers present are verified
+    /// by `delegation`; an agent's sidecar exchanges them for its app at `control_plane`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         trust_domain: TrustDomain,
         identity: Arc<IdentityStore>,
         metrics: Arc<Metrics>,
         app: Option<SocketAddr>,
         authz: Option<Arc<Authorizer>>,
+        delegation: Arc<Verifier>,
+        control_plane: Option<Arc<dyn ControlPlaneCalls>>,
         cancel: CancellationToken,
     ) -> Self {
         Self {
             trust_domain,
             identity,
+            exchanges: Exchanges::new(metrics.clone()),
             metrics,
             app: app.map(|a| (a, app_clients(a))),
             authz,
+            delegation,
+            control_plane,
             cancel,
+        }
+    }
+
+    /// What the peer's call carries: the delegation token (verified with the peer as presenter and
+    /// us, or the whole trust domain, as audience), and an approval — one the peer's sidecar
+    /// redeemed for this call (with its approver), or one for us to redeem.
+    fn credentials(&self, headers: &http::HeaderMap, stamp: &PeerStamp) -> Credentials {
+        let ours = self.identity.current();
+        let presenter = Presenter {
+            id: stamp.id.as_str(),
+            thumbprint: &stamp.thumbprint,
+        };
+        let audiences = [self.delegation.domain(), ours.svid.id.as_str()];
+        let delegation = delegation::presented(
+            headers,
+            &self.delegation,
+            Direction::Inbound,
+            presenter,
+            &audiences,
+        );
+        let approval = headers.get(&APPROVAL).map(approval_id);
+        let approved_by = headers
+            .get(&APPROVED_BY)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty());
+        let (approval, attested) = match (approval, approved_by) {
+            (Some(Ok(id)), Some(by)) => (
+                None,
+                Some(mandate_wire::ApprovalRecord {
+                    id,
+                    approved_by: by.to_owned(),
+                }),
+            ),
+            (approval, _) => (approval, None),
+        };
+        Credentials {
+            delegation,
+            approval,
+            attested,
         }
     }
 
@@ -131,6 +187,7 @@ impl Inbound {
             peer: HeaderValue::from_str(svid.id.as_str())
                 .expect("SPIFFE IDs are valid header values"),
             xfcc: xfcc(identity.svid.id.as_str(), leaf, svid.id.as_str()),
+            thumbprint: mandate_wire::delegation::thumbprint(leaf.as_ref()),
         });
         let protocol = if alpn.as_deref() == Some(ALPN_H2) {
             HttpProtocol::Http2
@@ -165,6 +222,7 @@ impl Inbound {
             );
         };
         let (mut parts, body) = req.into_parts();
+        let credentials = self.credentials(&parts.headers, stamp);
         strip_identity_headers(&mut parts.headers);
         ensure_traceparent(&mut parts.headers);
         // Keep the caller's authority (Host / :authority) so the app sees what was addressed.
@@ -185,7 +243,13 @@ impl Inbound {
             return self.refuse_inactive(&stamp.id, &authority, &parts, inactive.to_string());
         }
         let (body, authorized) = match &self.authz {
-            None => (Either::Left(body), None),
+            None => {
+                if let Presented::Refused(refusal) = &credentials.delegation {
+                    let decision = Decision::refusal(refusal.reason.clone());
+                    return crate::authz::refused_response("delegation_refused", &decision);
+                }
+                (Either::Left(body), None)
+            }
             Some(authz) => {
                 let ours = self.identity.current();
                 let (host, port) = split_host_port(authority.as_str(), 80)
@@ -203,6 +267,7 @@ impl Inbound {
                         "https",
                         &parts,
                         body,
+                        &credentials,
                     )
                     .await
                 {
@@ -218,6 +283,16 @@ impl Inbound {
             .headers
             .insert(X_MANDATE_PEER.clone(), stamp.peer.clone());
         parts.headers.insert(XFCC.clone(), stamp.xfcc.clone());
+        if let Some(verified) = credentials.verified() {
+            // Services never receive the token; an agent gets its own, exchanged, for its onward calls.
+            delegation::stamp(&mut parts.headers, verified, false);
+            if let Some(cp) = &self.control_plane
+                && self.identity.current().svid.id.kind() == mandate_identity::WorkloadKind::Agent
+                && let Some(token) = self.exchanges.token_for(verified, cp.as_ref()).await
+            {
+                parts.headers.insert(DELEGATION.clone(), token);
+            }
+        }
         let prepared = relay::prepare(Request::from_parts(parts, body), authority);
         let client = clients.for_version(prepared.request.version());
         let mut resp = match relay::send(client, prepared).await {

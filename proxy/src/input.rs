@@ -7,6 +7,7 @@ use http::request::Parts;
 use mandate_identity::SpiffeId;
 use mandate_rego::Value;
 
+use crate::delegation::Verified;
 use crate::mcp::Call;
 use crate::metrics::Direction;
 
@@ -47,6 +48,8 @@ pub struct CallFacts<'a> {
     pub request: Option<RequestFacts<'a>>,
     /// The MCP (JSON-RPC) message being decided, if any.
     pub mcp: Option<&'a Call>,
+    /// The verified delegation the call carries, if any (only verified claims reach policy).
+    pub delegation: Option<&'a Verified>,
 }
 
 /// Builds an object, leaving out undefined values.
@@ -106,6 +109,12 @@ pub fn document(facts: &CallFacts<'_>, registry: Value) -> Value {
             } else {
                 Value::Undefined
             },
+        ),
+        (
+            "delegation",
+            facts
+                .delegation
+                .map_or(Value::Undefined, |v| v.input.clone()),
         ),
         ("registry", registry),
         (
@@ -211,6 +220,7 @@ mod tests {
                 body: Some(&body),
             }),
             mcp: None,
+            delegation: None,
         };
         let doc = document(&facts, Value::Null);
         let json: serde_json::Value = serde_json::from_str(&doc.to_json_str().unwrap()).unwrap();
@@ -239,6 +249,7 @@ mod tests {
         assert_eq!(json["request"]["protocol"], "HTTP/1.1");
         assert_eq!(json["request"]["body"]["k"], "v");
         assert!(json.get("tcp").is_none() && json.get("mcp").is_none());
+        assert!(json.get("delegation").is_none());
         assert_eq!(json["registry"], serde_json::Value::Null);
         assert!(json["time"].as_str().unwrap().ends_with('Z'));
     }
@@ -256,6 +267,7 @@ mod tests {
             },
             request: None,
             mcp: None,
+            delegation: None,
         };
         let json: serde_json::Value =
             serde_json::from_str(&document(&facts, Value::Null).to_json_str().unwrap()).unwrap();

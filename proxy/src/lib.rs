@@ -4,9 +4,11 @@
 //! managed (`--control-plane`) it takes identity, policy and registry from `mandate serve`.
 
 pub mod admin;
+pub mod approval;
 pub mod authz;
 pub mod config;
 pub mod decisions;
+pub mod delegation;
 pub mod headers;
 pub mod identity;
 pub mod inbound;
@@ -37,6 +39,7 @@ use crate::admin::Admin;
 use crate::authz::{Authorizer, Recorders};
 use crate::config::{Config, ManagedConfig, Mode, PolicyConfig};
 use crate::decisions::DecisionLog;
+use crate::delegation::{ControlPlaneCalls, Verifier};
 use crate::identity::IdentityStore;
 use crate::inbound::Inbound;
 use crate::metrics::Metrics;
@@ -58,6 +61,11 @@ const DECISION_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let revocations = Arc::new(Revocations::new());
+    let delegation = Arc::new(Verifier::new(
+        &config.trust_domain,
+        matches!(config.mode, Mode::Managed(_)),
+        metrics.clone(),
+    ));
 
     // Bind everything before serving anything, so a taken port fails start-up cleanly.
     let outbound_listener = bind(config.outbound, "--outbound").await?;
@@ -114,6 +122,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let applier = Arc::new(Applier::new(
             identity.clone(),
             authz.policy().clone(),
+            delegation.clone(),
             metrics.clone(),
             cp.state.clone(),
         ));
@@ -130,11 +139,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let ready = Arc::new(AtomicBool::new(false));
+    let control_plane: Option<Arc<dyn ControlPlaneCalls>> = managed
+        .as_ref()
+        .map(|(cp, _)| cp.clone() as Arc<dyn ControlPlaneCalls>);
     let admin = Arc::new(Admin::new(
         &config,
         metrics.clone(),
         identity.clone(),
         authz.clone(),
+        control_plane.clone(),
         ready.clone(),
     ));
     tokio::spawn(admin.serve(admin_listener));
@@ -151,6 +164,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         identity.clone(),
         metrics.clone(),
         authz.clone(),
+        delegation.clone(),
         cancel.clone(),
     ));
     let inbound = Arc::new(Inbound::new(
@@ -159,6 +173,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics.clone(),
         app,
         authz.clone(),
+        delegation,
+        control_plane,
         cancel.clone(),
     ));
 
@@ -268,13 +284,20 @@ fn authorizer(
         ),
         None => None,
     };
-    let control_plane = control_plane.map(|cp| DecisionQueue::start(cp.clone()));
-    Ok(Authorizer::new(
+    let queue = control_plane.map(|cp| DecisionQueue::start(cp.clone()));
+    let authorizer = Authorizer::new(
         store,
-        Recorders { log, control_plane },
+        Recorders {
+            log,
+            control_plane: queue,
+        },
         metrics.clone(),
         policy.enforcement,
-    ))
+    );
+    Ok(match control_plane {
+        Some(cp) => authorizer.with_control_plane(cp.clone() as Arc<dyn ControlPlaneCalls>),
+        None => authorizer,
+    })
 }
 
 async fn shutdown_signal() {

@@ -46,6 +46,9 @@ pub struct Metrics {
     pub stream_reconnects: IntCounter,
     /// Pushed policy bundles refused (bad signature or digest, unusable data, compile error).
     pub bundle_rejects: IntCounter,
+    delegation_verifications: IntCounterVec,
+    delegation_exchanges: IntCounterVec,
+    approvals: IntCounterVec,
 }
 
 impl Metrics {
@@ -174,6 +177,30 @@ impl Metrics {
             "Pushed policy bundles refused: bad signature or digest, unusable data, or a compile error.",
         )
         .expect("valid metric");
+        let delegation_verifications = IntCounterVec::new(
+            Opts::new(
+                "mandate_delegation_verifications_total",
+                "Delegation tokens presented, by direction and result (ok, or the check that failed).",
+            ),
+            &["direction", "result"],
+        )
+        .expect("valid metric");
+        let delegation_exchanges = IntCounterVec::new(
+            Opts::new(
+                "mandate_delegation_exchanges_total",
+                "Incoming delegation tokens exchanged for the app (an agent's inbound side), by result (ok, cached, failed).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let approvals = IntCounterVec::new(
+            Opts::new(
+                "mandate_approvals_total",
+                "Calls the policy put up for a person's approval, by result (requested, redeemed, refused).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -191,6 +218,9 @@ impl Metrics {
             Box::new(control_plane_connected.clone()),
             Box::new(stream_reconnects.clone()),
             Box::new(bundle_rejects.clone()),
+            Box::new(delegation_verifications.clone()),
+            Box::new(delegation_exchanges.clone()),
+            Box::new(approvals.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -220,6 +250,9 @@ impl Metrics {
             control_plane_connected,
             stream_reconnects,
             bundle_rejects,
+            delegation_verifications,
+            delegation_exchanges,
+            approvals,
         }
     }
 
@@ -278,6 +311,23 @@ impl Metrics {
     /// Counts a rejected policy load.
     pub fn policy_load_error(&self) {
         self.policy_load_errors.inc();
+    }
+
+    /// Counts a presented delegation token: `ok`, or the check that failed.
+    pub fn delegation_verification(&self, d: Direction, result: &str) {
+        self.delegation_verifications
+            .with_label_values(&[d.as_str(), result])
+            .inc();
+    }
+
+    /// Counts an exchange of an incoming token for the app: `ok`, `cached` or `failed`.
+    pub fn delegation_exchange(&self, result: &str) {
+        self.delegation_exchanges.with_label_values(&[result]).inc();
+    }
+
+    /// Counts an approval step: `requested`, `redeemed` or `refused`.
+    pub fn approval(&self, result: &str) {
+        self.approvals.with_label_values(&[result]).inc();
     }
 
     /// Prometheus text exposition of every metric.

@@ -18,9 +18,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::authz::{Authorizer, DECISION_ID, Decision};
+use crate::approval::APPROVED_BY;
+use crate::authz::{AuthorizedHttp, Authorizer, Credentials, DECISION_ID, Decision};
+use crate::delegation::{self, APPROVAL, Presented, Presenter, Verifier};
 use crate::headers::{ProxyBody, json_response, strip_identity_headers};
-use crate::identity::IdentityStore;
+use crate::identity::{Identity, IdentityStore};
 use crate::input::Destination;
 use crate::metrics::{ConnectionGuard, Direction, Metrics};
 use crate::relay;
@@ -36,16 +38,19 @@ pub struct Outbound {
     metrics: Arc<Metrics>,
     mesh: MeshClients,
     authz: Option<Arc<Authorizer>>,
+    delegation: Arc<Verifier>,
     cancel: CancellationToken,
 }
 
 impl Outbound {
-    /// Outbound side for `routes`.
+    /// Outbound side for `routes`; delegation tokens the agent presents are verified by
+    /// `delegation`.
     pub fn new(
         routes: Arc<RouteTable>,
         identity: Arc<IdentityStore>,
         metrics: Arc<Metrics>,
         authz: Option<Arc<Authorizer>>,
+        delegation: Arc<Verifier>,
         cancel: CancellationToken,
     ) -> Self {
         Self {
@@ -54,7 +59,34 @@ impl Outbound {
             identity,
             metrics,
             authz,
+            delegation,
             cancel,
+        }
+    }
+
+    /// What the agent's call carries: its delegation token, verified with us as presenter and the
+    /// route's identity (or the whole trust domain) as audience, and the approval it retries with.
+    /// Read before the agent's `x-mandate-*` headers are stripped.
+    fn credentials(&self, parts: &Parts, route: &Route, own: &Identity) -> Credentials {
+        let presenter = Presenter {
+            id: own.svid.id.as_str(),
+            thumbprint: &own.thumbprint,
+        };
+        let audiences = [self.delegation.domain(), route.id.as_str()];
+        Credentials {
+            delegation: delegation::presented(
+                &parts.headers,
+                &self.delegation,
+                Direction::Outbound,
+                presenter,
+                &audiences,
+            ),
+            approval: parts
+                .headers
+                .get(&APPROVAL)
+                .map(crate::approval::approval_id),
+            // Only a peer sidecar's word counts for that, never the agent's.
+            attested: None,
         }
     }
 
@@ -193,10 +225,17 @@ impl Outbound {
             );
         }
 
-        strip_identity_headers(&mut parts.headers);
         let identity = self.identity.current();
+        let credentials = self.credentials(&parts, &route, &identity);
+        strip_identity_headers(&mut parts.headers);
         let (body, authorized) = match &self.authz {
-            None => (Either::Left(body), None),
+            None => {
+                if let Presented::Refused(refusal) = &credentials.delegation {
+                    let decision = Decision::refusal(refusal.reason.clone());
+                    return crate::authz::refused_response("delegation_refused", &decision);
+                }
+                (Either::Left(body), None)
+            }
             Some(authz) => {
                 let scheme = if parts.uri.scheme() == Some(&Scheme::HTTPS) {
                     "https"
@@ -211,6 +250,7 @@ impl Outbound {
                         scheme,
                         &parts,
                         body,
+                        &credentials,
                     )
                     .await
                 {
@@ -219,6 +259,12 @@ impl Outbound {
                 }
             }
         };
+        stamp_onward(
+            &mut parts.headers,
+            &credentials,
+            authorized.as_ref(),
+            route.destination().id.is_some(),
+        );
         let prepared = relay::prepare(Request::from_parts(parts, body), route.authority.clone());
         let client = self.mesh.for_version(prepared.request.version());
         let mut resp = match relay::send(client, prepared).await {
@@ -301,9 +347,9 @@ impl Outbound {
 
     /// Whether the registry and policy let this sidecar open a TCP stream to `route` (the registry
     /// alone decides without a policy).
-    fn tcp_allowed(&self, route: &Route) -> Result<(), Decision> {
+    fn tcp_allowed(&self, route: &Route) -> Result<(), Box<Decision>> {
         if let Some(reason) = self.inactive(route) {
-            return Err(self.refuse_inactive(None, route, reason));
+            return Err(Box::new(self.refuse_inactive(None, route, reason)));
         }
         let Some(authz) = &self.authz else {
             return Ok(());
@@ -314,7 +360,7 @@ impl Outbound {
         if decision.proceeds() {
             Ok(())
         } else {
-            Err(decision)
+            Err(Box::new(decision))
         }
     }
 
@@ -349,6 +395,42 @@ impl Outbound {
             Err(e) => {
                 tracing::warn!(route = %route.authority(), error = %e, "CONNECT upstream failed");
                 connect_error_response(&e)
+            }
+        }
+    }
+}
+
+/// Stamps what the call goes ahead with: the verified delegation (the token itself only to a
+/// meshed destination, whose sidecar verifies it again), and for a meshed destination the approval
+/// — redeemed here (with its approver, so the destination's sidecar need not ask again), or, when
+/// our policy needed none, the agent's `x-mandate-approval` for the destination's sidecar to redeem.
+fn stamp_onward(
+    headers: &mut http::HeaderMap,
+    credentials: &Credentials,
+    authorized: Option<&AuthorizedHttp>,
+    meshed: bool,
+) {
+    if let Some(verified) = credentials.verified() {
+        delegation::stamp(headers, verified, meshed);
+    }
+    if !meshed {
+        return;
+    }
+    match authorized.and_then(AuthorizedHttp::approval) {
+        Some(approval) => {
+            if let (Ok(id), Ok(by)) = (
+                http::HeaderValue::from_str(&approval.id),
+                http::HeaderValue::from_str(&approval.approved_by),
+            ) {
+                headers.insert(APPROVAL.clone(), id);
+                headers.insert(APPROVED_BY.clone(), by);
+            }
+        }
+        None => {
+            if let Some(Ok(id)) = &credentials.approval
+                && let Ok(id) = http::HeaderValue::from_str(id)
+            {
+                headers.insert(APPROVAL.clone(), id);
             }
         }
     }

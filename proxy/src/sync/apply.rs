@@ -1,14 +1,15 @@
 //! Applying one pushed `update`: trust bundle, then registry (revocations take effect at once),
 //! then the policy bundle — verified against the trust bundle in force before it is compiled, and
-//! refused (keeping the last good one) when its signature, digest or data are wrong. What is
-//! applied is persisted in the state directory, and restored from it at start-up through the same
-//! path.
+//! refused (keeping the last good one) when its signature, digest or data are wrong; and the
+//! delegation state (the keys tokens are verified with, the grants revoked since). What is applied
+//! is persisted in the state directory, and restored from it at start-up through the same path.
 
 use std::sync::{Arc, Mutex};
 
-use mandate_wire::{Registry, SignedBundle};
+use mandate_wire::{DelegationState, Registry, SignedBundle};
 
 use super::state::StateDir;
+use crate::delegation::Verifier;
 use crate::identity::IdentityStore;
 use crate::metrics::Metrics;
 use crate::policy::PolicyStore;
@@ -42,22 +43,26 @@ pub struct Outcome {
 pub struct Applier {
     identity: Arc<IdentityStore>,
     policy: Arc<PolicyStore>,
+    delegation: Arc<Verifier>,
     metrics: Arc<Metrics>,
     state: Option<StateDir>,
     applied: Mutex<Applied>,
 }
 
 impl Applier {
-    /// Applies updates to `identity` (trust bundle, revocations) and `policy`.
+    /// Applies updates to `identity` (trust bundle, revocations), `policy` and `delegation`
+    /// (keys, revoked grants).
     pub fn new(
         identity: Arc<IdentityStore>,
         policy: Arc<PolicyStore>,
+        delegation: Arc<Verifier>,
         metrics: Arc<Metrics>,
         state: Option<StateDir>,
     ) -> Self {
         Self {
             identity,
             policy,
+            delegation,
             metrics,
             state,
             applied: Mutex::new(Applied::default()),
@@ -71,6 +76,24 @@ impl Applier {
             applied.bundle.as_ref().map(|b| b.bundle.version),
             applied.registry.as_ref().map(|r| r.revision),
         )
+    }
+
+    /// The delegation revision applied (where the stream resumes delegation from).
+    pub fn delegation_revision(&self) -> Option<u64> {
+        self.delegation.revision()
+    }
+
+    /// Applies pushed delegation state and persists it. Revocations take effect even when the
+    /// keys are refused.
+    pub fn apply_delegation(&self, state: DelegationState) {
+        if let Err(why) = self.delegation.apply(&state) {
+            tracing::error!("{why}");
+        }
+        if let Some(dir) = &self.state
+            && let Err(e) = dir.save_delegation(&state)
+        {
+            tracing::error!(error = %e, "cannot persist the delegation state");
+        }
     }
 
     /// Applies one update. Its parts take effect together as far as safety allows: a refused
@@ -94,6 +117,19 @@ impl Applier {
             return Outcome::default();
         };
         let dir = state.path().display().to_string();
+        match state.load_delegation() {
+            Ok(Some(delegation)) => match self.delegation.apply(&delegation) {
+                Ok(()) => tracing::info!(
+                    state_dir = %dir,
+                    revision = delegation.revision,
+                    "restored delegation state revision {} from the state directory",
+                    delegation.revision
+                ),
+                Err(why) => tracing::error!(state_dir = %dir, "persisted delegation state: {why}"),
+            },
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "persisted delegation state ignored"),
+        }
         let registry = state.load_registry().unwrap_or_else(|e| {
             tracing::error!(error = %e, "persisted registry ignored");
             None
@@ -308,7 +344,18 @@ mod tests {
             },
             metrics.clone(),
         ));
-        let applier = Applier::new(identity, policy.clone(), metrics, Some(state.clone()));
+        let delegation = Arc::new(Verifier::new(
+            &"mandate.local".parse().unwrap(),
+            true,
+            metrics.clone(),
+        ));
+        let applier = Applier::new(
+            identity,
+            policy.clone(),
+            delegation,
+            metrics,
+            Some(state.clone()),
+        );
         Sidecar { applier, policy }
     }
 
@@ -357,6 +404,30 @@ mod tests {
         assert_eq!(outcome.registry_revision, Some(6));
         assert_eq!(restarted.policy.current().unwrap().version(), "2");
         assert_eq!(restarted.applier.resume_point(), (Some(2), Some(6)));
+    }
+
+    #[test]
+    fn delegation_state_is_persisted_and_restored_and_the_stream_resumes_from_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        let ca = ca();
+        let (key, _) = mandate_wire::SigningKey::generate("k1".into());
+        let first = sidecar(&ca, &state);
+        assert_eq!(first.applier.delegation_revision(), None);
+        first.applier.apply_delegation(DelegationState {
+            revision: 4,
+            keys: vec![key.public_jwk()],
+            revoked_grants: Vec::new(),
+        });
+        assert_eq!(first.applier.delegation_revision(), Some(4));
+        assert!(
+            super::super::stream::resume_path(&first.applier).ends_with("delegation_revision=4")
+        );
+
+        let restarted = sidecar(&ca, &state);
+        assert_eq!(restarted.applier.delegation_revision(), None);
+        restarted.applier.restore();
+        assert_eq!(restarted.applier.delegation_revision(), Some(4));
     }
 
     #[test]

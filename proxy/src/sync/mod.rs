@@ -13,12 +13,23 @@ pub mod svid;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use mandate_wire::HEARTBEAT_SECS;
+use mandate_wire::{
+    APPROVALS_PATH, ApprovalRequest, ApprovalTicket, DELEGATION_EXCHANGE_PATH,
+    DELEGATION_TOKEN_PATH, ExchangeRequest, HEARTBEAT_SECS, IssuedToken, RedeemRequest, Redeemed,
+    TokenRequest, redeem_path,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
+use crate::delegation::{ControlPlaneCalls, CpFuture};
 use crate::identity::IdentityStore;
 use crate::metrics::Metrics;
-use client::ControlPlaneClient;
+use client::{ClientError, ControlPlaneClient, Trust};
 use state::StateDir;
+
+/// Longest a call on the request path (a token, an exchange, an approval) waits for the control
+/// plane, connection included.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How patient the sidecar is with the control plane. Tests shorten these.
 #[derive(Debug, Clone)]
@@ -65,6 +76,44 @@ pub struct ControlPlane {
     pub state: Option<StateDir>,
     /// Retry and batching parameters.
     pub timing: Timing,
+}
+
+impl ControlPlane {
+    /// POSTs `body` to `path` over a fresh connection authenticated by our SVID, within
+    /// [`CALL_TIMEOUT`].
+    pub async fn call<B: Serialize + Sync, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<R, ClientError> {
+        let attempt = async {
+            let current = self.identity.current();
+            let mut conn = self.client.connect(Trust::Identity(&current)).await?;
+            drop(current);
+            conn.post_json(path, body).await
+        };
+        tokio::time::timeout(CALL_TIMEOUT, attempt)
+            .await
+            .map_err(|_| ClientError::Timeout(self.client.url().authority()))?
+    }
+}
+
+impl ControlPlaneCalls for ControlPlane {
+    fn issue_token(&self, req: TokenRequest) -> CpFuture<'_, IssuedToken> {
+        Box::pin(async move { self.call(DELEGATION_TOKEN_PATH, &req).await })
+    }
+
+    fn exchange(&self, req: ExchangeRequest) -> CpFuture<'_, IssuedToken> {
+        Box::pin(async move { self.call(DELEGATION_EXCHANGE_PATH, &req).await })
+    }
+
+    fn request_approval(&self, req: ApprovalRequest) -> CpFuture<'_, ApprovalTicket> {
+        Box::pin(async move { self.call(APPROVALS_PATH, &req).await })
+    }
+
+    fn redeem(&self, id: String, req: RedeemRequest) -> CpFuture<'_, Redeemed> {
+        Box::pin(async move { self.call(&redeem_path(&id), &req).await })
+    }
 }
 
 /// Unix seconds as RFC 3339, for log lines.

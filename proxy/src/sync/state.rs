@@ -1,13 +1,13 @@
 //! The state directory (`--state-dir`): key, SVID and trust bundle kept across restarts, so a
 //! restarted sidecar renews with its still-valid SVID instead of needing a fresh join token; and
-//! the last applied policy bundle and registry, so it enforces them at once, even while the control
-//! plane is unreachable.
+//! the last applied policy bundle, registry and delegation state (keys and revoked grants), so it
+//! enforces them at once, even while the control plane is unreachable.
 
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use mandate_wire::{Registry, SignedBundle};
+use mandate_wire::{DelegationState, Registry, SignedBundle};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -18,6 +18,7 @@ const KEY: &str = "svid-key.pem";
 const BUNDLE: &str = "bundle.pem";
 const POLICY_BUNDLE: &str = "policy-bundle.json";
 const REGISTRY: &str = "registry.json";
+const DELEGATION: &str = "delegation.json";
 
 /// Why the state directory could not be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +81,17 @@ impl StateDir {
     /// Saves the registry last applied (with its revision).
     pub fn save_registry(&self, registry: &Registry) -> Result<(), StateError> {
         self.save_json(REGISTRY, registry)
+    }
+
+    /// Saves the delegation state last applied (keys and revoked grants, with its revision).
+    pub fn save_delegation(&self, state: &DelegationState) -> Result<(), StateError> {
+        self.save_json(DELEGATION, state)
+    }
+
+    /// The delegation state saved by an earlier run: `Ok(None)` when there is none, an error
+    /// when the file cannot be read or parsed.
+    pub fn load_delegation(&self) -> Result<Option<DelegationState>, StateError> {
+        self.load_json(DELEGATION)
     }
 
     /// The policy bundle saved by an earlier run: `Ok(None)` when there is none, an error when
@@ -191,11 +203,22 @@ mod tests {
             revision: 7,
             ..Registry::default()
         };
+        let delegation = DelegationState {
+            revision: 4,
+            keys: Vec::new(),
+            revoked_grants: vec![mandate_wire::RevokedGrant {
+                id: "g".into(),
+                expires_at: 9,
+            }],
+        };
+        assert!(state.load_delegation().unwrap().is_none());
         state.save_policy_bundle(&bundle).unwrap();
         state.save_registry(&registry).unwrap();
+        state.save_delegation(&delegation).unwrap();
         assert_eq!(state.load_policy_bundle().unwrap(), Some(bundle));
         assert_eq!(state.load_registry().unwrap(), Some(registry));
-        for name in [POLICY_BUNDLE, REGISTRY] {
+        assert_eq!(state.load_delegation().unwrap(), Some(delegation));
+        for name in [POLICY_BUNDLE, REGISTRY, DELEGATION] {
             let mode = std::fs::metadata(state.path().join(name))
                 .unwrap()
                 .permissions()

@@ -79,13 +79,14 @@ pub fn resume_path(applier: &Applier) -> String {
     let query = StreamQuery {
         policy_version,
         registry_revision,
-        delegation_revision: None,
+        delegation_revision: applier.delegation_revision(),
     };
     let mut path = String::from(STREAM_PATH);
     let mut sep = '?';
     for (key, value) in [
         ("policy_version", query.policy_version),
         ("registry_revision", query.registry_revision),
+        ("delegation_revision", query.delegation_revision),
     ] {
         if let Some(value) = value {
             path.push(sep);
@@ -144,9 +145,12 @@ fn handle_line(applier: &Applier, line: &[u8]) {
             bundle,
             registry,
             trust_bundle,
-            delegation: _,
+            delegation,
         }) => {
             applier.apply(bundle, registry, trust_bundle);
+            if let Some(delegation) = delegation {
+                applier.apply_delegation(delegation);
+            }
         }
         Err(e) => tracing::error!(error = %e, "unreadable stream line skipped"),
     }

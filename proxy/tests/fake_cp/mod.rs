@@ -1,6 +1,7 @@
 //! An in-process stand-in for `mandate serve`, built from the wire types: enrolment by join token,
-//! renewal, the NDJSON push stream and decision ingest, over TLS 1.3 with its CA in the chain as the
-//! real one presents it. Enough of the contract to test the sidecar's side of it.
+//! renewal, the NDJSON push stream and decision ingest, delegation tokens (issue and exchange) and
+//! approvals (ask, approve, redeem), over TLS 1.3 with its CA in the chain as the real one presents
+//! it. Enough of the contract to test the sidecar's side of it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -22,10 +23,13 @@ use mandate_identity::ca::CertificateAuthority;
 use mandate_identity::csr::requested_id;
 use mandate_identity::svid::check_svid;
 use mandate_identity::{SpiffeId, TrustDomain};
+use mandate_wire::delegation::{Actor, Confirmation, DelegationClaims, SigningKey, thumbprint};
 use mandate_wire::{
-    ApiError, DECISIONS_PATH, DecisionBatch, DecisionRecord, ENROLL_PATH, EnrollRequest,
-    IngestResult, IssuedIdentity, JoinToken, RENEW_PATH, RenewRequest, STREAM_PATH, SignedBundle,
-    StreamMessage,
+    APPROVALS_PATH, ApiError, ApprovalRequest, ApprovalTicket, DECISIONS_PATH,
+    DELEGATION_EXCHANGE_PATH, DELEGATION_TOKEN_PATH, DecisionBatch, DecisionRecord,
+    DelegationState, ENROLL_PATH, EnrollRequest, ExchangeRequest, IngestResult, IssuedIdentity,
+    IssuedToken, JoinToken, RENEW_PATH, RedeemRequest, Redeemed, RenewRequest, RevokedGrant,
+    STREAM_PATH, SignedBundle, StreamMessage, TokenRequest,
 };
 use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
@@ -54,6 +58,25 @@ pub struct State {
     /// Decision POSTs still to answer 503.
     pub fail_decisions: AtomicUsize,
     pub svid_ttl: Duration,
+    /// Signs delegation tokens.
+    pub signing: SigningKey,
+    /// Grant id → (agent SPIFFE ID, subject).
+    pub grants: Mutex<HashMap<String, (String, String)>>,
+    /// Tokens issued, with their claims (the exchange looks the subject token up here).
+    issued: Mutex<HashMap<String, DelegationClaims>>,
+    /// Approval id → the approval.
+    pub approvals: Mutex<HashMap<String, FakeApproval>>,
+}
+
+/// An approval asked for.
+#[derive(Debug, Clone)]
+pub struct FakeApproval {
+    pub request: ApprovalRequest,
+    /// Who asked (the sidecar's SPIFFE ID).
+    pub agent: String,
+    /// Who approved, once approved.
+    pub approved_by: Option<String>,
+    pub used: bool,
 }
 
 /// A running fake control plane.
@@ -117,6 +140,10 @@ impl FakeControlPlane {
             decision_posts: AtomicUsize::new(0),
             fail_decisions: AtomicUsize::new(0),
             svid_ttl,
+            signing: SigningKey::generate("fake-key".into()).0,
+            grants: Mutex::new(HashMap::new()),
+            issued: Mutex::new(HashMap::new()),
+            approvals: Mutex::new(HashMap::new()),
         });
         let s = state.clone();
         tokio::spawn(async move {
@@ -134,8 +161,13 @@ impl FakeControlPlane {
                         .1
                         .peer_certificates()
                         .and_then(|c| c.first())
-                        .and_then(|leaf| check_svid(leaf, &td()).ok())
-                        .map(|svid| svid.id);
+                        .and_then(|leaf| {
+                            let svid = check_svid(leaf, &td()).ok()?;
+                            Some(Peer {
+                                id: svid.id,
+                                thumbprint: thumbprint(leaf.as_ref()),
+                            })
+                        });
                     let svc = hyper::service::service_fn(move |req| {
                         let (state, peer) = (state.clone(), peer.clone());
                         async move { Ok::<_, Infallible>(handle(&state, peer, req).await) }
@@ -203,6 +235,55 @@ impl FakeControlPlane {
     pub fn decisions(&self) -> Vec<DecisionRecord> {
         self.state.decisions.lock().unwrap().clone()
     }
+
+    /// Creates a grant for `agent` on behalf of `subject`.
+    pub fn grant(&self, id: &str, agent: &str, subject: &str) {
+        self.state
+            .grants
+            .lock()
+            .unwrap()
+            .insert(id.to_owned(), (agent.to_owned(), subject.to_owned()));
+    }
+
+    /// The delegation state at `revision`: this control plane's key, and `revoked` grants.
+    pub fn delegation_state(&self, revision: u64, revoked: &[&str]) -> DelegationState {
+        DelegationState {
+            revision,
+            keys: vec![self.state.signing.public_jwk()],
+            revoked_grants: revoked
+                .iter()
+                .map(|id| RevokedGrant {
+                    id: (*id).to_owned(),
+                    expires_at: unix_now() + 3600,
+                })
+                .collect(),
+        }
+    }
+
+    /// A person approves approval `id`.
+    pub fn approve(&self, id: &str, by: &str) {
+        self.state
+            .approvals
+            .lock()
+            .unwrap()
+            .get_mut(id)
+            .expect("a known approval")
+            .approved_by = Some(by.to_owned());
+    }
+}
+
+/// The authenticated client of a connection.
+#[derive(Clone)]
+struct Peer {
+    id: SpiffeId,
+    thumbprint: String,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 /// A bundle with one module `authz.rego`, signed by `ca`.
@@ -242,7 +323,7 @@ async fn body_of<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Resu
     serde_json::from_slice(&bytes).map_err(|e| error(StatusCode::BAD_REQUEST, &e.to_string()))
 }
 
-async fn handle(state: &State, peer: Option<SpiffeId>, req: Request<Incoming>) -> Resp {
+async fn handle(state: &State, peer: Option<Peer>, req: Request<Incoming>) -> Resp {
     let path = req.uri().path().to_owned();
     let line = format!(
         "{} {}",
@@ -285,7 +366,7 @@ async fn handle(state: &State, peer: Option<SpiffeId>, req: Request<Incoming>) -
                 Ok(b) => b,
                 Err(resp) => return resp,
             };
-            issue(state, peer.as_str(), &renew.csr)
+            issue(state, peer.id.as_str(), &renew.csr)
         }
         (Method::GET, STREAM_PATH) => {
             if peer.is_none() {
@@ -334,8 +415,146 @@ async fn handle(state: &State, peer: Option<SpiffeId>, req: Request<Incoming>) -
             }
             json(StatusCode::OK, &result)
         }
+        (Method::POST, DELEGATION_TOKEN_PATH) => {
+            let Some(peer) = peer else {
+                return error(StatusCode::UNAUTHORIZED, "a client certificate is required");
+            };
+            let asked: TokenRequest = match body_of(req).await {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            let Some((agent, subject)) = state.grants.lock().unwrap().get(&asked.grant_id).cloned()
+            else {
+                return error(StatusCode::NOT_FOUND, "no such grant");
+            };
+            if agent != peer.id.as_str() {
+                return error(StatusCode::FORBIDDEN, "the grant is another agent's");
+            }
+            let now = unix_now();
+            let claims = DelegationClaims {
+                iss: format!("spiffe://{TD}/control-plane"),
+                sub: subject,
+                act: Actor::from_chain(&[agent]),
+                scope: vec![serde_json::json!({"host": "*"})],
+                constraints: None,
+                grant_id: asked.grant_id,
+                aud: if asked.audience.is_empty() {
+                    vec![format!("spiffe://{TD}")]
+                } else {
+                    asked.audience
+                },
+                iat: now,
+                nbf: now,
+                exp: now + 300,
+                jti: uuid::Uuid::now_v7().to_string(),
+                cnf: Confirmation {
+                    x5t_s256: peer.thumbprint,
+                },
+                approved_by: "the grantor".into(),
+                purpose: "testing".into(),
+            };
+            sign_token(state, claims)
+        }
+        (Method::POST, DELEGATION_EXCHANGE_PATH) => {
+            let Some(peer) = peer else {
+                return error(StatusCode::UNAUTHORIZED, "a client certificate is required");
+            };
+            let asked: ExchangeRequest = match body_of(req).await {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            let Some(mut claims) = state
+                .issued
+                .lock()
+                .unwrap()
+                .get(&asked.subject_token)
+                .cloned()
+            else {
+                return error(StatusCode::BAD_REQUEST, "subject_token is not one of ours");
+            };
+            let mut chain = claims.act.chain();
+            if chain.iter().any(|a| a == peer.id.as_str()) {
+                return error(StatusCode::FORBIDDEN, "the caller is already in the chain");
+            }
+            chain.push(peer.id.to_string());
+            claims.act = Actor::from_chain(&chain);
+            claims.cnf = Confirmation {
+                x5t_s256: peer.thumbprint,
+            };
+            claims.jti = uuid::Uuid::now_v7().to_string();
+            sign_token(state, claims)
+        }
+        (Method::POST, APPROVALS_PATH) => {
+            let Some(peer) = peer else {
+                return error(StatusCode::UNAUTHORIZED, "a client certificate is required");
+            };
+            let request: ApprovalRequest = match body_of(req).await {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            let id = uuid::Uuid::now_v7().to_string();
+            state.approvals.lock().unwrap().insert(
+                id.clone(),
+                FakeApproval {
+                    request,
+                    agent: peer.id.to_string(),
+                    approved_by: None,
+                    used: false,
+                },
+            );
+            json(
+                StatusCode::CREATED,
+                &ApprovalTicket {
+                    id,
+                    expires_at: unix_now() + 600,
+                },
+            )
+        }
+        (Method::POST, p) if p.starts_with(APPROVALS_PATH) && p.ends_with("/redeem") => {
+            let Some(peer) = peer else {
+                return error(StatusCode::UNAUTHORIZED, "a client certificate is required");
+            };
+            let id = p[APPROVALS_PATH.len() + 1..p.len() - "/redeem".len()].to_owned();
+            let redeem: RedeemRequest = match body_of(req).await {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            let mut approvals = state.approvals.lock().unwrap();
+            let Some(approval) = approvals.get_mut(&id) else {
+                return error(StatusCode::NOT_FOUND, "no such approval");
+            };
+            let refusal = if approval.agent != peer.id.as_str() {
+                Some("asked for by another workload")
+            } else if approval.used {
+                Some("already used")
+            } else if approval.approved_by.is_none() {
+                Some("pending")
+            } else if approval.request.fingerprint != redeem.fingerprint {
+                Some("does not match this call")
+            } else {
+                None
+            };
+            if let Some(why) = refusal {
+                return error(StatusCode::CONFLICT, why);
+            }
+            approval.used = true;
+            json(
+                StatusCode::OK,
+                &Redeemed {
+                    approved_by: approval.approved_by.clone().unwrap_or_default(),
+                    approved_at: unix_now(),
+                },
+            )
+        }
         _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
     }
+}
+
+fn sign_token(state: &State, claims: DelegationClaims) -> Resp {
+    let token = state.signing.sign(&claims);
+    let expires_at = claims.exp;
+    state.issued.lock().unwrap().insert(token.clone(), claims);
+    json(StatusCode::OK, &IssuedToken { token, expires_at })
 }
 
 fn issue(state: &State, id: &str, csr: &str) -> Resp {

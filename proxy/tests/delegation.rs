@@ -1,0 +1,573 @@
+//! Delegation and approval through managed sidecars, in process, against the fake control plane:
+//! an agent obtains a token from its sidecar's admin listener, presents it, and the tool's app sees
+//! the verified subject, chain and grant (never the token); a tampered token is refused before
+//! policy; an agent called on someone's behalf gets an exchanged token for its onward calls, and
+//! the chain grows; a call the policy wants approved is refused with an approval id, refused again
+//! while pending, allowed once approved (both sidecars record the approver), and refused once used;
+//! a revoked grant's tokens are refused.
+
+#[allow(dead_code)]
+mod fake_cp;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use fake_cp::FakeControlPlane;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use mandate_proxy::config::{Args, Config};
+use mandate_wire::{Direction, Registry, RegistryEntry, StreamMessage, WorkloadStatus};
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+
+const A: &str = "spiffe://mandate.local/agent/a";
+const B: &str = "spiffe://mandate.local/agent/b";
+const TOOL: &str = "spiffe://mandate.local/service/tool";
+
+const POLICY: &str = r#"package mandate.authz
+
+decision := {"allow": false, "require_approval": true, "reason": "deleting needs a person"} if {
+	input.request.path == "/approve-me"
+} else := {"allow": true, "reason": sprintf("on behalf of %s", [input.delegation.subject])} if {
+	input.delegation.subject
+} else := {"allow": false, "reason": "only on someone's behalf"} if {
+	input.request.path == "/delegated-only"
+} else := {"allow": true, "reason": "on its own"}
+"#;
+
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..200 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+struct Sidecar {
+    outbound: SocketAddr,
+    inbound: SocketAddr,
+    admin: SocketAddr,
+}
+
+fn spawn_sidecar(cp: &FakeControlPlane, id: &str, extra: &[String]) -> Sidecar {
+    let token = cp.token(id).expose();
+    let s = Sidecar {
+        outbound: free_addr(),
+        inbound: free_addr(),
+        admin: free_addr(),
+    };
+    let mut argv: Vec<String> = [
+        "mandate-proxy",
+        "--control-plane",
+        &cp.url(),
+        "--join-token",
+        &token,
+        "--outbound",
+        &s.outbound.to_string(),
+        "--inbound",
+        &s.inbound.to_string(),
+        "--admin",
+        &s.admin.to_string(),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    argv.extend_from_slice(extra);
+    let config = Config::from_args(Args::parse_from(argv)).unwrap();
+    tokio::spawn(async move {
+        if let Err(e) = mandate_proxy::run(config).await {
+            panic!("sidecar failed: {e:#}");
+        }
+    });
+    s
+}
+
+/// An app answering with the `x-mandate-*` headers it received, as JSON.
+async fn echo_app() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let mut seen = serde_json::Map::new();
+                        for (name, value) in req.headers() {
+                            if name.as_str().starts_with("x-mandate-") {
+                                seen.insert(
+                                    name.as_str().to_owned(),
+                                    json!(value.to_str().unwrap_or("?")),
+                                );
+                            }
+                        }
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from(Value::Object(seen).to_string()),
+                        )))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+struct Answer {
+    status: u16,
+    headers: http::HeaderMap,
+    body: Value,
+}
+
+/// An HTTP/1.1 request to `to` with `host`, headers and an optional JSON body.
+async fn call(
+    to: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> Answer {
+    let tcp = TcpStream::connect(to).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let req = req
+        .body(Full::new(Bytes::from(
+            body.map(|b| b.to_string()).unwrap_or_default(),
+        )))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| json!(String::from_utf8_lossy(&bytes).into_owned()));
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn registry() -> Registry {
+    let mut registry = Registry {
+        revision: 1,
+        ..Registry::default()
+    };
+    for (kind, name) in [("agent", "a"), ("agent", "b"), ("service", "tool")] {
+        let entry: RegistryEntry = serde_json::from_value(json!({
+            "spiffe_id": format!("spiffe://mandate.local/{kind}/{name}"),
+            "status": WorkloadStatus::Active,
+            "owner": "team",
+        }))
+        .unwrap();
+        match kind {
+            "agent" => registry.agents.insert(name.into(), entry),
+            _ => registry.services.insert(name.into(), entry),
+        };
+    }
+    registry
+}
+
+fn metric(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delegation_exchange_and_approval_through_managed_sidecars() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("mandate_proxy=debug")
+        .try_init();
+    let cp = FakeControlPlane::start().await;
+    let tool_app = echo_app().await;
+    let b_app = echo_app().await;
+    let tool = spawn_sidecar(&cp, TOOL, &["--app".into(), tool_app.to_string()]);
+    let b = spawn_sidecar(
+        &cp,
+        B,
+        &[
+            "--app".into(),
+            b_app.to_string(),
+            "--route".into(),
+            format!("tool={},id={TOOL}", tool.inbound),
+        ],
+    );
+    let a = spawn_sidecar(
+        &cp,
+        A,
+        &[
+            "--route".into(),
+            format!("tool={},id={TOOL}", tool.inbound),
+            "--route".into(),
+            format!("b={},id={B}", b.inbound),
+        ],
+    );
+    eventually("three sidecars streaming", async || cp.streams() == 3).await;
+    cp.push(&StreamMessage::Update {
+        bundle: Some(cp.bundle(1, POLICY, "{}")),
+        registry: Some(registry()),
+        trust_bundle: Some(cp.state.ca.cert_pem().to_owned()),
+        delegation: Some(cp.delegation_state(1, &[])),
+    });
+    eventually("a's own call allowed", async || {
+        call(a.outbound, "GET", "tool", "/x", &[], None)
+            .await
+            .status
+            == 200
+    })
+    .await;
+
+    // On its own, the agent may not call what needs someone's behalf.
+    let own = call(a.outbound, "GET", "tool", "/delegated-only", &[], None).await;
+    assert_eq!(own.status, 403, "{}", own.body);
+    assert_eq!(own.body["reason"], "only on someone's behalf");
+
+    // The agent obtains its token from its sidecar's admin listener.
+    cp.grant("g1", A, "alice@example.com");
+    let issued = call(
+        a.admin,
+        "POST",
+        "admin",
+        "/delegation/token",
+        &[],
+        Some(json!({"grant_id": "g1"})),
+    )
+    .await;
+    assert_eq!(issued.status, 200, "{}", issued.body);
+    let token = issued.body["token"].as_str().unwrap().to_owned();
+    let refused = call(
+        a.admin,
+        "POST",
+        "admin",
+        "/delegation/token",
+        &[],
+        Some(json!({"grant_id": "nope"})),
+    )
+    .await;
+    assert_eq!(refused.status, 404, "{}", refused.body);
+    assert_eq!(refused.body["reason"], "no such grant");
+
+    // Delegated: allowed, and the tool's app sees the verified subject, chain and grant, not the
+    // token; whatever the agent claims itself is stripped.
+    let delegated = call(
+        a.outbound,
+        "GET",
+        "tool",
+        "/delegated-only",
+        &[
+            ("x-mandate-delegation", &token),
+            ("x-mandate-on-behalf-of", "mallory@example.com"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(delegated.status, 200, "{}", delegated.body);
+    assert_eq!(
+        delegated.body,
+        json!({
+            "x-mandate-on-behalf-of": "alice@example.com",
+            "x-mandate-delegation-chain": A,
+            "x-mandate-grant": "g1",
+            "x-mandate-peer": A,
+            "x-mandate-decision-id": delegated.body["x-mandate-decision-id"],
+        })
+    );
+
+    // A tampered token is refused before policy, naming the check.
+    let mut tampered = token.clone();
+    let last = tampered.pop().unwrap();
+    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    let bad = call(
+        a.outbound,
+        "GET",
+        "tool",
+        "/x",
+        &[("x-mandate-delegation", &tampered)],
+        None,
+    )
+    .await;
+    assert_eq!(bad.status, 403, "{}", bad.body);
+    assert_eq!(bad.body["error"], "delegation_refused");
+    assert!(
+        bad.body["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("delegation refused: "),
+        "{}",
+        bad.body
+    );
+    assert!(bad.body["decision_id"].is_string());
+    assert!(bad.body["policy_version"].is_null());
+
+    // An MCP call with a bad token gets a JSON-RPC error with its id.
+    let rpc = call(
+        a.outbound,
+        "POST",
+        "tool",
+        "/mcp",
+        &[("x-mandate-delegation", "not.a.token")],
+        Some(json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "search"}})),
+    )
+    .await;
+    assert_eq!(rpc.body["id"], 7, "{}", rpc.body);
+    assert!(
+        rpc.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("delegation refused: "),
+        "{}",
+        rpc.body
+    );
+
+    // Agent b, called on alice's behalf, gets its own (exchanged) token; with it, its onward call
+    // carries the chain a → b.
+    let at_b = call(
+        a.outbound,
+        "GET",
+        "b",
+        "/work",
+        &[("x-mandate-delegation", &token)],
+        None,
+    )
+    .await;
+    assert_eq!(at_b.status, 200, "{}", at_b.body);
+    assert_eq!(at_b.body["x-mandate-delegation-chain"], A);
+    let exchanged = at_b.body["x-mandate-delegation"]
+        .as_str()
+        .expect("b's app got a token")
+        .to_owned();
+    assert_ne!(exchanged, token);
+    let onward = call(
+        b.outbound,
+        "GET",
+        "tool",
+        "/delegated-only",
+        &[("x-mandate-delegation", &exchanged)],
+        None,
+    )
+    .await;
+    assert_eq!(onward.status, 200, "{}", onward.body);
+    assert_eq!(
+        onward.body["x-mandate-delegation-chain"],
+        format!("{A},{B}")
+    );
+    assert_eq!(onward.body["x-mandate-on-behalf-of"], "alice@example.com");
+    // The original token is a's, bound to a's certificate: useless in b's hands.
+    let stolen = call(
+        b.outbound,
+        "GET",
+        "tool",
+        "/delegated-only",
+        &[("x-mandate-delegation", &token)],
+        None,
+    )
+    .await;
+    assert_eq!(stolen.status, 403);
+    assert!(
+        stolen.body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("bound to another certificate"),
+        "{}",
+        stolen.body
+    );
+    // The exchange is cached: a second call on the same token does not ask again.
+    call(
+        a.outbound,
+        "GET",
+        "b",
+        "/work",
+        &[("x-mandate-delegation", &token)],
+        None,
+    )
+    .await;
+    assert_eq!(cp.count("/v1/sidecar/delegation/exchange"), 1);
+
+    // Approval: asked for, refused while pending, allowed once approved, refused once used.
+    let with_token = [("x-mandate-delegation", token.as_str())];
+    let asked = call(a.outbound, "POST", "tool", "/approve-me", &with_token, None).await;
+    assert_eq!(asked.status, 403, "{}", asked.body);
+    assert_eq!(asked.body["error"], "approval_required");
+    let approval = asked.body["approval_id"].as_str().unwrap().to_owned();
+    assert_eq!(asked.headers["x-mandate-approval-id"], approval.as_str());
+    assert!(
+        asked.body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("deleting needs a person"),
+        "{}",
+        asked.body
+    );
+    let stored = cp.state.approvals.lock().unwrap()[&approval].clone();
+    assert_eq!(stored.request.subject.as_deref(), Some("alice@example.com"));
+    assert_eq!(stored.request.grant_id.as_deref(), Some("g1"));
+    assert_eq!(stored.request.fingerprint.len(), 64);
+
+    let retry = [
+        ("x-mandate-delegation", token.as_str()),
+        ("x-mandate-approval", approval.as_str()),
+    ];
+    let pending = call(a.outbound, "POST", "tool", "/approve-me", &retry, None).await;
+    assert_eq!(pending.status, 403);
+    assert_eq!(pending.body["error"], "approval_refused");
+    assert!(
+        pending.body["reason"]
+            .as_str()
+            .unwrap()
+            .ends_with("refused: pending"),
+        "{}",
+        pending.body
+    );
+    // Approved for this call, not another.
+    cp.approve(&approval, "carol@example.com");
+    let other = call(a.outbound, "POST", "tool", "/approve-me?x=1", &retry, None).await;
+    assert_eq!(other.status, 403);
+    assert!(
+        other.body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("does not match this call"),
+        "{}",
+        other.body
+    );
+    let approved = call(a.outbound, "POST", "tool", "/approve-me", &retry, None).await;
+    assert_eq!(approved.status, 200, "{}", approved.body);
+    let used = call(a.outbound, "POST", "tool", "/approve-me", &retry, None).await;
+    assert_eq!(used.status, 403);
+    assert!(
+        used.body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("already used"),
+        "{}",
+        used.body
+    );
+    let approved_id = approved.headers["x-mandate-decision-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    eventually("both sidecars recorded the approver", async || {
+        let records = cp.decisions();
+        let with_approval: Vec<_> = records
+            .iter()
+            .filter(|r| {
+                r.approval
+                    .as_ref()
+                    .is_some_and(|a| a.id == approval && a.approved_by == "carol@example.com")
+            })
+            .collect();
+        with_approval
+            .iter()
+            .any(|r| r.direction == Direction::Outbound && r.decision_id == approved_id && r.allow)
+            && with_approval
+                .iter()
+                .any(|r| r.direction == Direction::Inbound && r.allow)
+    })
+    .await;
+    let records = cp.decisions();
+    let outbound = records
+        .iter()
+        .find(|r| r.decision_id == approved_id)
+        .unwrap();
+    assert_eq!(
+        outbound.reason,
+        format!("approved by carol@example.com (approval {approval})")
+    );
+    let delegation = outbound.delegation.as_ref().unwrap();
+    assert_eq!(delegation.subject, "alice@example.com");
+    assert_eq!(delegation.grant_id, "g1");
+    assert_eq!(delegation.actors, vec![A.to_owned()]);
+
+    // Revoking the grant refuses its tokens at once, cached or not.
+    cp.push(&StreamMessage::Update {
+        bundle: None,
+        registry: None,
+        trust_bundle: None,
+        delegation: Some(cp.delegation_state(2, &["g1"])),
+    });
+    eventually("the revoked grant's token refused", async || {
+        call(a.outbound, "GET", "tool", "/x", &with_token, None)
+            .await
+            .status
+            == 403
+    })
+    .await;
+    let revoked = call(a.outbound, "GET", "tool", "/x", &with_token, None).await;
+    assert_eq!(
+        revoked.body["reason"],
+        "delegation refused: grant g1 has been revoked or closed"
+    );
+
+    let metrics = call(a.admin, "GET", "admin", "/metrics", &[], None).await;
+    let text = metrics.body.as_str().unwrap();
+    assert!(
+        metric(
+            text,
+            r#"mandate_delegation_verifications_total{direction="outbound",result="ok"}"#
+        ) >= 8.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            text,
+            r#"mandate_delegation_verifications_total{direction="outbound",result="revoked"}"#
+        ),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(text, r#"mandate_approvals_total{result="requested"}"#),
+        1.0
+    );
+    assert_eq!(
+        metric(text, r#"mandate_approvals_total{result="redeemed"}"#),
+        1.0
+    );
+    assert_eq!(
+        metric(text, r#"mandate_approvals_total{result="refused"}"#),
+        3.0
+    );
+    let metrics = call(b.admin, "GET", "admin", "/metrics", &[], None).await;
+    let text = metrics.body.as_str().unwrap();
+    assert_eq!(
+        metric(text, r#"mandate_delegation_exchanges_total{result="ok"}"#),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            text,
+            r#"mandate_delegation_exchanges_total{result="cached"}"#
+        ),
+        1.0
+    );
+}
