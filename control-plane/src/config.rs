@@ -31,6 +31,10 @@ pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
 const MIN_SVID_TTL: Duration = Duration::from_secs(60);
 /// Longest SVID lifetime: short-lived certificates are the point (the CA lives ten years).
 const MAX_SVID_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Shortest approval lifetime: a person must have time to read and decide.
+const MIN_APPROVAL_TTL: Duration = Duration::from_secs(10);
+/// Longest approval lifetime: an approval is for a call being made now, not a standing permit.
+const MAX_APPROVAL_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Flags of `mandate serve`.
 #[derive(Debug, Clone, Args)]
@@ -87,6 +91,10 @@ pub struct ServeArgs {
     /// How long a join token stays redeemable, e.g. 1h.
     #[arg(long, value_name = "DURATION", env = "MANDATE_JOIN_TOKEN_TTL", default_value = "1h", value_parser = parse_duration)]
     pub join_token_ttl: Duration,
+    /// How long a per-action approval can be approved and then redeemed by the retried call,
+    /// counted from when the sidecar asked for it (10s to 24h), e.g. 10m.
+    #[arg(long, value_name = "DURATION", env = "MANDATE_APPROVAL_TTL", default_value = "10m", value_parser = parse_duration)]
+    pub approval_ttl: Duration,
 }
 
 /// Parses `90s`, `15m`, `1h`, … refusing zero.
@@ -137,6 +145,9 @@ pub enum ConfigError {
     /// `--svid-ttl` out of range.
     #[error("--svid-ttl must be between 1m and 30d")]
     SvidTtl,
+    /// `--approval-ttl` out of range.
+    #[error("--approval-ttl must be between 10s and 24h")]
+    ApprovalTtl,
     /// `--listen` and `--metrics` are the same address.
     #[error("--listen and --metrics must be different addresses")]
     SameAddress,
@@ -209,6 +220,8 @@ pub struct ServeConfig {
     pub svid_ttl: Duration,
     /// Join token lifetime.
     pub join_token_ttl: Duration,
+    /// Per-action approval lifetime.
+    pub approval_ttl: Duration,
 }
 
 impl ServeConfig {
@@ -242,6 +255,9 @@ impl ServeConfig {
         if !(MIN_SVID_TTL..=MAX_SVID_TTL).contains(&args.svid_ttl) {
             return Err(ConfigError::SvidTtl);
         }
+        if !(MIN_APPROVAL_TTL..=MAX_APPROVAL_TTL).contains(&args.approval_ttl) {
+            return Err(ConfigError::ApprovalTtl);
+        }
         if args.listen == args.metrics {
             return Err(ConfigError::SameAddress);
         }
@@ -255,6 +271,7 @@ impl ServeConfig {
             admin_token,
             svid_ttl: args.svid_ttl,
             join_token_ttl: args.join_token_ttl,
+            approval_ttl: args.approval_ttl,
         })
     }
 }
@@ -340,6 +357,7 @@ mod tests {
         assert_eq!(config.listen.port(), 15012);
         assert_eq!(config.metrics.port(), 15014);
         assert_eq!(config.svid_ttl, Duration::from_secs(3600));
+        assert_eq!(config.approval_ttl, Duration::from_secs(600));
         assert_eq!(config.trust_domain.as_str(), "mandate.local");
     }
 
@@ -357,6 +375,8 @@ mod tests {
         let short_token = |k: &str| (k == ADMIN_TOKEN_ENV).then(|| "short".to_owned());
         assert!(err(&[], &short_token).contains("MANDATE_ADMIN_TOKEN"));
         assert!(err(&["--svid-ttl", "10s"], &no_env).contains("--svid-ttl"));
+        assert!(err(&["--approval-ttl", "5s"], &no_env).contains("--approval-ttl"));
+        assert!(err(&["--approval-ttl", "25h"], &no_env).contains("--approval-ttl"));
         assert!(
             err(&["--admin-token-file", "/nonexistent/x"], &no_env).contains("--admin-token-file")
         );

@@ -26,6 +26,8 @@ struct Cli {
 enum Command {
     /// Register and manage agents in the control plane's registry.
     Agent(cli::workload::WorkloadArgs),
+    /// Approve or reject a call a policy held for a person's approval; --pending lists them.
+    Approve(cli::approve::ApproveArgs),
     /// Search the decisions sidecars reported to the control plane.
     Audit(cli::audit::AuditArgs),
     /// Certificate authorities: a file-based one for standalone sidecars, or import one into the control plane.
@@ -139,6 +141,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agent(args) => cli::workload::main(cli::workload::Kind::Agent, args),
         Command::Service(args) => cli::workload::main(cli::workload::Kind::Service, args),
         Command::Audit(args) => cli::audit::main(args),
+        Command::Approve(args) => cli::approve::main(args),
     }
 }
 

@@ -125,6 +125,7 @@ pub async fn serve(
         ),
         enroller: Enroller::new(store.clone(), ca.clone(), ca_der, config.svid_ttl),
         hub: hub.clone(),
+        approval_ttl: config.approval_ttl,
     };
     let tls = Arc::new(server::tls_config(
         &config.trust_domain,

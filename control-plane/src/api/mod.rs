@@ -1,6 +1,7 @@
 //! The HTTP API: admin routes (bearer admin token), sidecar routes (client SVID; enrolment by
 //! join token), decision queries, and the OpenAPI document describing all of them.
 
+pub mod approvals;
 pub mod error;
 pub mod extract;
 
@@ -61,6 +62,8 @@ pub struct AppState {
     pub enroller: Enroller,
     /// The push hub.
     pub hub: Arc<Hub>,
+    /// How long a per-action approval may be decided and redeemed after it was asked for.
+    pub approval_ttl: std::time::Duration,
 }
 
 /// A router together with the (method, path) of every route, for the OpenAPI consistency test.
@@ -137,6 +140,7 @@ fn routes() -> Routes {
             ),
         );
     }
+    r = approvals::add_routes(r);
     r.add(
         Method::POST,
         "/v1/policies",
@@ -244,6 +248,10 @@ pub struct DecisionParams {
     pub subject: Option<String>,
     /// MCP tool.
     pub tool: Option<String>,
+    /// The grant the call's delegation came from.
+    pub grant: Option<String>,
+    /// Who approved the call (per-action approval).
+    pub approver: Option<String>,
     /// allow or deny.
     pub result: Option<ResultFilter>,
     /// RFC 3339, inclusive.
@@ -296,6 +304,8 @@ pub fn decision_query(td: &TrustDomain, p: DecisionParams) -> Result<DecisionQue
         source,
         subject: p.subject,
         tool: p.tool,
+        grant: p.grant,
+        approver: p.approver,
         allow: p.result.map(|r| matches!(r, ResultFilter::Allow)),
         since: p.since,
         until: p.until,
@@ -402,3 +412,5 @@ async fn ingest_decisions(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_approvals;

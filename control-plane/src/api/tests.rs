@@ -16,15 +16,15 @@ use super::*;
 use crate::ca::StoreKey;
 use crate::store::StoreLocation;
 
-const TOKEN: &str = "test-admin-token-0123456789";
+pub(super) const TOKEN: &str = "test-admin-token-0123456789";
 
-struct Fixture {
-    router: Router,
-    state: AppState,
+pub(super) struct Fixture {
+    pub(super) router: Router,
+    pub(super) state: AppState,
     _dir: tempfile::TempDir,
 }
 
-async fn fixture() -> Fixture {
+pub(super) async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&StoreLocation::Sqlite(dir.path().join("m.db")))
         .await
@@ -49,6 +49,7 @@ async fn fixture() -> Fixture {
         registrar: Registrar::new(store.clone(), td, ca_der.clone(), Duration::from_secs(60)),
         enroller: Enroller::new(store, ca, ca_der, Duration::from_secs(600)),
         hub,
+        approval_ttl: Duration::from_secs(600),
     };
     Fixture {
         router: router(state.clone()),
@@ -58,7 +59,7 @@ async fn fixture() -> Fixture {
 }
 
 /// How a test request authenticates.
-enum As {
+pub(super) enum As {
     Admin,
     Anonymous,
     Token(&'static str),
@@ -66,7 +67,7 @@ enum As {
 }
 
 impl Fixture {
-    async fn call(
+    pub(super) async fn call(
         &self,
         method: &str,
         uri: &str,
@@ -94,7 +95,7 @@ impl Fixture {
         (status, value)
     }
 
-    async fn register(&self, name: &str) -> String {
+    pub(super) async fn register(&self, name: &str) -> String {
         let (status, body) = self
             .call(
                 "POST",
@@ -112,7 +113,7 @@ fn csr_for(id: &str) -> String {
     csr::request(&id.parse().unwrap()).unwrap().csr_pem
 }
 
-const AGENT: &str = "spiffe://mandate.local/agent/research";
+pub(super) const AGENT: &str = "spiffe://mandate.local/agent/research";
 
 #[tokio::test]
 async fn admin_routes_need_the_admin_token() {

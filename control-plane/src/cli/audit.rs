@@ -54,6 +54,12 @@ pub struct QueryArgs {
     /// Only MCP calls of this tool.
     #[arg(long, value_name = "TOOL")]
     pub tool: Option<String>,
+    /// Only calls made under this grant (its id).
+    #[arg(long, value_name = "ID")]
+    pub grant: Option<String>,
+    /// Only calls a person approved, by who approved them.
+    #[arg(long, value_name = "WHO")]
+    pub approver: Option<String>,
     /// Only allowed or only denied calls.
     #[arg(long, value_enum, value_name = "RESULT")]
     pub result: Option<Verdict>,
@@ -125,6 +131,8 @@ pub fn request(q: &QueryArgs) -> ApiRequest {
         ("agent", q.agent.clone()),
         ("subject", q.subject.clone()),
         ("tool", q.tool.clone()),
+        ("grant", q.grant.clone()),
+        ("approver", q.approver.clone()),
         (
             "result",
             q.result.map(|r| {
@@ -195,17 +203,23 @@ fn call(r: &DecisionRecord) -> String {
     }
 }
 
-/// `TIME  RESULT  SOURCE  DESTINATION  CALL  REASON  POLICY`.
+/// `TIME  RESULT  SOURCE  SUBJECT  GRANT  APPROVER  DESTINATION  CALL  REASON  POLICY`: which
+/// agent made the call, on whose behalf, under which grant, who approved it and which policy
+/// version decided.
 pub fn table(records: &[DecisionRecord]) -> String {
     let mut t = Table::new(&[
         "TIME",
         "RESULT",
         "SOURCE",
+        "SUBJECT",
+        "GRANT",
+        "APPROVER",
         "DESTINATION",
         "CALL",
         "REASON",
         "POLICY",
     ]);
+    let or_dash = |v: Option<&String>| v.cloned().unwrap_or_else(|| "-".to_owned());
     for r in records {
         let verdict = if r.allow { "allow" } else { "deny" };
         t.row([
@@ -216,6 +230,9 @@ pub fn table(records: &[DecisionRecord]) -> String {
                 format!("{verdict} (dry-run)")
             },
             short_id(&r.source).to_owned(),
+            or_dash(r.delegation.as_ref().map(|d| &d.subject)),
+            or_dash(r.delegation.as_ref().map(|d| &d.grant_id)),
+            or_dash(r.approval.as_ref().map(|a| &a.approved_by)),
             format!("{}:{}", r.destination.host, r.destination.port),
             call(r),
             r.reason.clone(),
@@ -291,6 +308,10 @@ mod tests {
             "alice@example.com",
             "--tool",
             "search",
+            "--grant",
+            "g1",
+            "--approver",
+            "bob@example.com",
             "--result",
             "deny",
             "--since",
@@ -310,6 +331,8 @@ mod tests {
                 ("agent", "research"),
                 ("subject", "alice@example.com"),
                 ("tool", "search"),
+                ("grant", "g1"),
+                ("approver", "bob@example.com"),
                 ("result", "deny"),
                 ("since", "2026-03-01T00:00:00Z"),
                 ("until", "2026-03-02T00:00:00Z"),
@@ -347,14 +370,16 @@ mod tests {
             "reason": "ok", "policy_version": "3"}),
         );
         let mcp = record(serde_json::json!({"method": "POST", "path": "/mcp",
-            "mcp": {"method": "tools/call", "name": "search"}, "enforced": false}));
+            "mcp": {"method": "tools/call", "name": "search"}, "enforced": false,
+            "delegation": {"subject": "alice", "grant_id": "g1", "actors": []},
+            "approval": {"id": "a1", "approved_by": "bob"}}));
         let tcp = record(serde_json::json!({"reason": "db\u{1b}"}));
         assert_eq!(
             table(&[http, mcp, tcp]),
-            "TIME                  RESULT          SOURCE          DESTINATION  CALL                   REASON          POLICY\n\
-             2026-03-01T12:00:00Z  allow           agent/research  tool:8080    GET /v1/x              ok              3\n\
-             2026-03-01T12:00:00Z  deny (dry-run)  agent/research  tool:8080    mcp tools/call search  not in ceiling  -\n\
-             2026-03-01T12:00:00Z  deny            agent/research  tool:8080    tcp                    db\\u{1b}        -\n"
+            "TIME                  RESULT          SOURCE          SUBJECT  GRANT  APPROVER  DESTINATION  CALL                   REASON          POLICY\n\
+             2026-03-01T12:00:00Z  allow           agent/research  -        -      -         tool:8080    GET /v1/x              ok              3\n\
+             2026-03-01T12:00:00Z  deny (dry-run)  agent/research  alice    g1     bob       tool:8080    mcp tools/call search  not in ceiling  -\n\
+             2026-03-01T12:00:00Z  deny            agent/research  -        -      -         tool:8080    tcp                    db\\u{1b}        -\n"
         );
     }
 

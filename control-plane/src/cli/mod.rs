@@ -1,9 +1,10 @@
-//! The operator's CLI against the control plane API: `mandate agent|service|policy|audit …`.
+//! The operator's CLI against the control plane API: `mandate agent|service|policy|audit|approve …`.
 //!
 //! Each command group flattens [`client::ServerArgs`] (`--server`, `--ca-cert`,
 //! `--admin-token-file`), builds one [`client::Client`] and runs its verb on a single-threaded
 //! runtime: a CLI call is a handful of sequential requests.
 
+pub mod approve;
 pub mod audit;
 pub mod ca_import;
 pub mod client;

@@ -92,11 +92,18 @@ impl Notify for Transaction<'_, Postgres> {
 }
 
 /// The migrations, compiled into the binary so a deployed `mandate` needs no files beside it.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "schema",
-    include_str!("../../migrations/0001_schema.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "schema",
+        include_str!("../../migrations/0001_schema.sql"),
+    ),
+    (
+        4,
+        "approvals",
+        include_str!("../../migrations/0004_approvals.sql"),
+    ),
+];
 
 #[derive(Debug)]
 struct Embedded;

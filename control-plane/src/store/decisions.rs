@@ -9,9 +9,9 @@ use super::backend::{BeginWrite as _, Pool, on_pool};
 use super::{DecisionQuery, DecisionRecord, IngestResult, Store, StoreError};
 
 /// Columns bound per decision row.
-const COLUMNS_PER_ROW: usize = 9;
+const COLUMNS_PER_ROW: usize = 12;
 
-/// Rows per INSERT statement: 9 × 1,000 = 9,000 parameters, under SQLite's 32,766 (and
+/// Rows per INSERT statement: 12 × 1,000 = 12,000 parameters, under SQLite's 32,766 (and
 /// PostgreSQL's 65,535), and large enough that per-statement costs vanish.
 const ROWS_PER_STATEMENT: usize = 1_000;
 const _: () = assert!(ROWS_PER_STATEMENT * COLUMNS_PER_ROW <= 32_766);
@@ -23,8 +23,11 @@ struct Row {
     ts_ms: i64,
     source: String,
     subject: Option<String>,
+    grant_id: Option<String>,
     tool: Option<String>,
     allow: i64,
+    approval_id: Option<String>,
+    approved_by: Option<String>,
     record: String,
 }
 
@@ -38,12 +41,15 @@ impl Row {
             ts_ms: unix_ms(&record.timestamp).unwrap_or(received_ms),
             source: record.source.clone(),
             subject: record.delegation.as_ref().map(|d| d.subject.clone()),
+            grant_id: record.delegation.as_ref().map(|d| d.grant_id.clone()),
             tool: record
                 .mcp
                 .as_ref()
                 .filter(|m| m.method.as_deref() == Some("tools/call"))
                 .and_then(|m| m.name.clone()),
             allow: i64::from(record.allow),
+            approval_id: record.approval.as_ref().map(|a| a.id.clone()),
+            approved_by: record.approval.as_ref().map(|a| a.approved_by.clone()),
             record: serde_json::to_string(record).map_err(|e| StoreError::Invalid {
                 what: format!("decision {}", record.decision_id),
                 why: e.to_string(),
@@ -76,10 +82,10 @@ enum Placeholders {
 
 /// `INSERT … VALUES (…), (…) ON CONFLICT (decision_id) DO NOTHING` for `rows` rows.
 fn insert_sql(rows: usize, placeholders: Placeholders) -> String {
-    let mut sql = String::with_capacity(140 + rows * 60);
+    let mut sql = String::with_capacity(180 + rows * 80);
     sql.push_str(
-        "INSERT INTO decisions (decision_id, ts, ts_ms, source, subject, tool, allow, \
-         reported_by, record) VALUES ",
+        "INSERT INTO decisions (decision_id, ts, ts_ms, source, subject, grant_id, tool, allow, \
+         approval_id, approved_by, reported_by, record) VALUES ",
     );
     for row in 0..rows {
         if row > 0 {
@@ -146,8 +152,11 @@ impl Store {
                         .bind(row.ts_ms)
                         .bind(&row.source)
                         .bind(&row.subject)
+                        .bind(&row.grant_id)
                         .bind(&row.tool)
                         .bind(row.allow)
+                        .bind(&row.approval_id)
+                        .bind(&row.approved_by)
                         .bind(reported_by)
                         .bind(&row.record);
                 }
@@ -178,6 +187,12 @@ impl Store {
         }
         if let Some(tool) = &q.tool {
             filter("tool", "=", Arg::Text(tool.clone()));
+        }
+        if let Some(grant) = &q.grant {
+            filter("grant_id", "=", Arg::Text(grant.clone()));
+        }
+        if let Some(approver) = &q.approver {
+            filter("approved_by", "=", Arg::Text(approver.clone()));
         }
         if let Some(allow) = q.allow {
             filter("allow", "=", Arg::Int(i64::from(allow)));
@@ -231,14 +246,18 @@ mod tests {
         let sql = insert_sql(2, Placeholders::Numbered);
         assert!(
             sql.ends_with(
-                "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9),($10,$11,$12,$13,$14,$15,$16,$17,$18) \
+                "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12),\
+                 ($13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$23,$24) \
                  ON CONFLICT (decision_id) DO NOTHING"
             ),
             "{sql}"
         );
         let sql = insert_sql(2, Placeholders::Anonymous);
         assert!(
-            sql.ends_with("VALUES (?,?,?,?,?,?,?,?,?),(?,?,?,?,?,?,?,?,?) ON CONFLICT (decision_id) DO NOTHING"),
+            sql.ends_with(
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?),(?,?,?,?,?,?,?,?,?,?,?,?) \
+                 ON CONFLICT (decision_id) DO NOTHING"
+            ),
             "{sql}"
         );
     }

@@ -6,6 +6,7 @@
 //! is announced on [`Store::subscribe`]: directly for this replica's own writes and, with
 //! PostgreSQL, through `NOTIFY mandate_changes` (sent in the writing transaction) for the others'.
 
+mod approvals;
 mod backend;
 mod bundles;
 mod decisions;
@@ -23,6 +24,9 @@ pub use mandate_wire::{
     DecisionRecord, IngestResult, Registry, RegistryEntry, SignedBundle, WorkloadStatus,
 };
 
+pub use approvals::{
+    Approval, ApprovalRefusal, ApprovalStatus, NewApproval, Verdict, ms_to_rfc3339,
+};
 use backend::Pool;
 
 /// Where the store lives.
@@ -270,6 +274,10 @@ pub struct DecisionQuery {
     pub subject: Option<String>,
     /// The MCP tool called (`tools/call` only).
     pub tool: Option<String>,
+    /// The grant the call's delegation came from.
+    pub grant: Option<String>,
+    /// Who approved the call (per-action approval).
+    pub approver: Option<String>,
     /// Only allowed (true) or only denied (false) calls.
     pub allow: Option<bool>,
     /// Decisions at or after this time (RFC 3339).
