@@ -624,7 +624,11 @@ impl Authorizer {
                 Err(e) => {
                     self.metrics.approval("refused");
                     d.error = "approval_refused";
-                    d.reason = format!("approval {id} refused: {}", cp_words(&e));
+                    d.reason = match &e {
+                        // The control plane names the approval and why (pending, used, ...).
+                        ClientError::Api { error, .. } => format!("approval refused: {error}"),
+                        e => format!("approval {id} could not be redeemed: {e}"),
+                    };
                 }
             },
             None => {
