@@ -127,8 +127,19 @@ impl StoreKey {
         )
     }
 
-    /// Encrypts `plaintext` (AES-256-GCM, random nonce) into `aes256gcm1.<base64 nonce‖ciphertext‖tag>`.
+    /// Encrypts the CA key (AES-256-GCM, random nonce) into `aes256gcm1.<base64 nonce‖ciphertext‖tag>`.
     pub fn seal(&self, plaintext: &[u8]) -> Result<String, CaSetupError> {
+        self.seal_for(CA_KEY_AAD, plaintext)
+    }
+
+    /// Decrypts what [`StoreKey::seal`] produced; a different key is [`CaSetupError::WrongStoreKey`].
+    pub fn unseal(&self, sealed: &str) -> Result<Vec<u8>, CaSetupError> {
+        self.unseal_for(CA_KEY_AAD, sealed)
+    }
+
+    /// Encrypts `plaintext` like [`StoreKey::seal`], bound to `purpose` (the associated data), so a
+    /// value sealed for one purpose (a delegation signing key) never opens as another (the CA key).
+    pub fn seal_for(&self, purpose: &[u8], plaintext: &[u8]) -> Result<String, CaSetupError> {
         let mut nonce = [0u8; NONCE_LEN];
         SystemRandom::new()
             .fill(&mut nonce)
@@ -137,7 +148,7 @@ impl StoreKey {
         self.aead()
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(CA_KEY_AAD),
+                Aad::from(purpose),
                 &mut buf,
             )
             .map_err(|_| CaSetupError::Random)?;
@@ -146,8 +157,9 @@ impl StoreKey {
         Ok(format!("{SEALED_PREFIX}{}", STANDARD.encode(out)))
     }
 
-    /// Decrypts what [`StoreKey::seal`] produced; a different key is [`CaSetupError::WrongStoreKey`].
-    pub fn unseal(&self, sealed: &str) -> Result<Vec<u8>, CaSetupError> {
+    /// Decrypts what [`StoreKey::seal_for`] sealed for `purpose`; a different key or purpose is
+    /// [`CaSetupError::WrongStoreKey`].
+    pub fn unseal_for(&self, purpose: &[u8], sealed: &str) -> Result<Vec<u8>, CaSetupError> {
         let body = sealed
             .strip_prefix(SEALED_PREFIX)
             .ok_or(CaSetupError::Malformed("unknown format prefix"))?;
@@ -162,7 +174,7 @@ impl StoreKey {
             .aead()
             .open_in_place(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(CA_KEY_AAD),
+                Aad::from(purpose),
                 &mut bytes[NONCE_LEN..],
             )
             .map_err(|_| CaSetupError::WrongStoreKey)?;

@@ -36,6 +36,17 @@ const MIN_APPROVAL_TTL: Duration = Duration::from_secs(10);
 /// Longest approval lifetime: an approval is for a call being made now, not a standing permit.
 const MAX_APPROVAL_TTL: Duration = Duration::from_secs(24 * 3600);
 
+/// Shortest delegation token lifetime: an agent must have time to use its token.
+const MIN_DELEGATION_TOKEN_TTL: Duration = Duration::from_secs(10);
+/// Longest delegation token lifetime: tokens are short-lived, the grant is what lasts.
+const MAX_DELEGATION_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// Shortest signing key rotation period.
+const MIN_DELEGATION_KEY_ROTATION: Duration = Duration::from_secs(60);
+/// Longest signing key rotation period.
+const MAX_DELEGATION_KEY_ROTATION: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Shortest default grant lifetime.
+const MIN_GRANT_TTL: Duration = Duration::from_secs(10);
+
 /// Flags of `mandate serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -95,6 +106,17 @@ pub struct ServeArgs {
     /// counted from when the sidecar asked for it (10s to 24h), e.g. 10m.
     #[arg(long, value_name = "DURATION", env = "MANDATE_APPROVAL_TTL", default_value = "10m", value_parser = parse_duration)]
     pub approval_ttl: Duration,
+    /// Lifetime of the delegation tokens issued to agents (10s to 1h; never beyond the grant's
+    /// expiry), e.g. 5m.
+    #[arg(long, value_name = "DURATION", env = "MANDATE_DELEGATION_TOKEN_TTL", default_value = "5m", value_parser = parse_duration)]
+    pub delegation_token_ttl: Duration,
+    /// How often a new delegation signing key replaces the current one (1m to 90d); older keys
+    /// stay published while tokens they signed may be valid, e.g. 24h.
+    #[arg(long, value_name = "DURATION", env = "MANDATE_DELEGATION_KEY_ROTATION", default_value = "24h", value_parser = parse_duration)]
+    pub delegation_key_rotation: Duration,
+    /// How long a grant lasts when `mandate grant create` gives no --ttl (10s to 24h), e.g. 15m.
+    #[arg(long, value_name = "DURATION", env = "MANDATE_GRANT_TTL", default_value = "15m", value_parser = parse_duration)]
+    pub grant_ttl: Duration,
 }
 
 /// Parses `90s`, `15m`, `1h`, … refusing zero.
@@ -145,6 +167,15 @@ pub enum ConfigError {
     /// `--svid-ttl` out of range.
     #[error("--svid-ttl must be between 1m and 30d")]
     SvidTtl,
+    /// `--delegation-token-ttl` out of range.
+    #[error("--delegation-token-ttl must be between 10s and 1h")]
+    DelegationTokenTtl,
+    /// `--delegation-key-rotation` out of range.
+    #[error("--delegation-key-rotation must be between 1m and 90d")]
+    DelegationKeyRotation,
+    /// `--grant-ttl` out of range.
+    #[error("--grant-ttl must be between 10s and 24h")]
+    GrantTtl,
     /// `--approval-ttl` out of range.
     #[error("--approval-ttl must be between 10s and 24h")]
     ApprovalTtl,
@@ -222,6 +253,8 @@ pub struct ServeConfig {
     pub join_token_ttl: Duration,
     /// Per-action approval lifetime.
     pub approval_ttl: Duration,
+    /// Delegation token lifetime, key rotation and default grant lifetime.
+    pub delegation: crate::delegation::DelegationConfig,
 }
 
 impl ServeConfig {
@@ -258,6 +291,19 @@ impl ServeConfig {
         if !(MIN_APPROVAL_TTL..=MAX_APPROVAL_TTL).contains(&args.approval_ttl) {
             return Err(ConfigError::ApprovalTtl);
         }
+        if !(MIN_DELEGATION_TOKEN_TTL..=MAX_DELEGATION_TOKEN_TTL)
+            .contains(&args.delegation_token_ttl)
+        {
+            return Err(ConfigError::DelegationTokenTtl);
+        }
+        if !(MIN_DELEGATION_KEY_ROTATION..=MAX_DELEGATION_KEY_ROTATION)
+            .contains(&args.delegation_key_rotation)
+        {
+            return Err(ConfigError::DelegationKeyRotation);
+        }
+        if !(MIN_GRANT_TTL..=crate::grants::MAX_GRANT_TTL).contains(&args.grant_ttl) {
+            return Err(ConfigError::GrantTtl);
+        }
         if args.listen == args.metrics {
             return Err(ConfigError::SameAddress);
         }
@@ -272,6 +318,13 @@ impl ServeConfig {
             svid_ttl: args.svid_ttl,
             join_token_ttl: args.join_token_ttl,
             approval_ttl: args.approval_ttl,
+            delegation: crate::delegation::DelegationConfig {
+                keys: crate::delegation::KeyPolicy {
+                    rotation: args.delegation_key_rotation,
+                    token_ttl: args.delegation_token_ttl,
+                },
+                grant_ttl: args.grant_ttl,
+            },
         })
     }
 }
@@ -358,6 +411,21 @@ mod tests {
         assert_eq!(config.metrics.port(), 15014);
         assert_eq!(config.svid_ttl, Duration::from_secs(3600));
         assert_eq!(config.approval_ttl, Duration::from_secs(600));
+        assert_eq!(
+            config.delegation.keys.token_ttl,
+            Duration::from_secs(300),
+            "--delegation-token-ttl"
+        );
+        assert_eq!(
+            config.delegation.keys.rotation,
+            Duration::from_secs(24 * 3600),
+            "--delegation-key-rotation"
+        );
+        assert_eq!(
+            config.delegation.grant_ttl,
+            Duration::from_secs(900),
+            "--grant-ttl"
+        );
         assert_eq!(config.trust_domain.as_str(), "mandate.local");
     }
 
@@ -377,6 +445,19 @@ mod tests {
         assert!(err(&["--svid-ttl", "10s"], &no_env).contains("--svid-ttl"));
         assert!(err(&["--approval-ttl", "5s"], &no_env).contains("--approval-ttl"));
         assert!(err(&["--approval-ttl", "25h"], &no_env).contains("--approval-ttl"));
+        for (flag, value) in [
+            ("--delegation-token-ttl", "5s"),
+            ("--delegation-token-ttl", "2h"),
+            ("--delegation-key-rotation", "30s"),
+            ("--delegation-key-rotation", "91d"),
+            ("--grant-ttl", "5s"),
+            ("--grant-ttl", "25h"),
+        ] {
+            assert!(
+                err(&[flag, value], &no_env).contains(flag),
+                "{flag} {value}"
+            );
+        }
         assert!(
             err(&["--admin-token-file", "/nonexistent/x"], &no_env).contains("--admin-token-file")
         );

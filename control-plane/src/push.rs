@@ -1,7 +1,9 @@
-//! The push hub: the active bundle, the registry and the trust bundle as pre-serialised NDJSON,
-//! refreshed from the store on every change, and one stream per connected sidecar.
+//! The push hub: the active bundle, the registry, the delegation state (verifying keys and
+//! revoked grants) and the trust bundle as pre-serialised NDJSON, refreshed from the store on
+//! every change, and one stream per connected sidecar.
 //!
-//! Each stream remembers what it has sent (bundle version and digest, registry revision) and, on
+//! Each stream remembers what it has sent (bundle version and digest, registry and delegation
+//! revisions) and, on
 //! every change notice — or after falling behind — sends whatever differs from the current
 //! snapshot. A lagging stream therefore resyncs instead of dying, and never gets a line twice.
 
@@ -14,12 +16,14 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_util::Stream;
 use mandate_wire::{
-    HEARTBEAT_SECS, Registry, SignedBundle, StreamMessage, StreamQuery, WorkloadStatus,
+    DelegationState, HEARTBEAT_SECS, Registry, SignedBundle, StreamMessage, StreamQuery,
+    WorkloadStatus,
 };
 use serde::Serialize;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use crate::delegation::{KeyPolicy, now_ms};
 use crate::metrics::metrics;
 use crate::store::{Change, Store, StoreError};
 
@@ -40,12 +44,18 @@ pub struct Snapshot {
     bundle_line: Option<Bytes>,
     /// `{"type":"update","registry":…}\n`.
     registry_line: Bytes,
+    delegation: Arc<DelegationState>,
+    /// `{"type":"update","delegation":…}\n`.
+    delegation_line: Bytes,
+    /// What decides which signing keys are published (kept for refreshes).
+    key_policy: KeyPolicy,
     /// When the store change this snapshot reflects was heard.
     changed_at: Instant,
 }
 
 impl Snapshot {
-    /// Builds a snapshot (serialising its lines once for every stream).
+    /// Builds a snapshot (serialising its lines once for every stream), with an empty
+    /// delegation state at revision 0 until [`Snapshot::with_delegation`].
     pub fn new(bundle: Option<SignedBundle>, registry: Registry, trust_bundle: String) -> Self {
         let bundle_line = bundle.as_ref().map(|b| {
             line(&StreamMessage::Update {
@@ -61,6 +71,7 @@ impl Snapshot {
             trust_bundle: None,
             delegation: None,
         });
+        let delegation = DelegationState::default();
         let statuses = registry
             .agents
             .values()
@@ -74,8 +85,24 @@ impl Snapshot {
             trust_bundle,
             bundle_line,
             registry_line,
+            delegation_line: delegation_line(&delegation),
+            delegation: Arc::new(delegation),
+            key_policy: KeyPolicy::default(),
             changed_at: Instant::now(),
         }
+    }
+
+    /// The same snapshot with `delegation`, whose keys `key_policy` selected.
+    pub fn with_delegation(mut self, delegation: DelegationState, key_policy: KeyPolicy) -> Self {
+        self.delegation_line = delegation_line(&delegation);
+        self.delegation = Arc::new(delegation);
+        self.key_policy = key_policy;
+        self
+    }
+
+    /// The delegation state: verifying keys and revoked grants.
+    pub fn delegation(&self) -> &DelegationState {
+        &self.delegation
     }
 
     /// The status of a SPIFFE ID in the registry (None: not registered).
@@ -102,13 +129,24 @@ impl Snapshot {
             .map(|b| (**b).clone());
         let registry = (query.registry_revision != Some(self.registry.revision))
             .then(|| (*self.registry).clone());
+        let delegation = (query.delegation_revision != Some(self.delegation.revision))
+            .then(|| (*self.delegation).clone());
         line(&StreamMessage::Update {
             bundle,
             registry,
             trust_bundle: Some(self.trust_bundle.clone()),
-            delegation: None,
+            delegation,
         })
     }
+}
+
+fn delegation_line(state: &DelegationState) -> Bytes {
+    line(&StreamMessage::Update {
+        bundle: None,
+        registry: None,
+        trust_bundle: None,
+        delegation: Some(state.clone()),
+    })
 }
 
 fn line(message: &StreamMessage) -> Bytes {
@@ -122,6 +160,7 @@ fn line(message: &StreamMessage) -> Bytes {
 struct Sent {
     bundle: Option<(u64, String)>,
     registry_revision: Option<u64>,
+    delegation_revision: Option<u64>,
 }
 
 /// A sidecar connected to this replica.
@@ -135,6 +174,8 @@ pub struct ConnectedSidecar {
     pub policy_version: Option<u64>,
     /// The registry revision last sent to it.
     pub registry_revision: Option<u64>,
+    /// The delegation revision last sent to it.
+    pub delegation_revision: Option<u64>,
 }
 
 /// The hub shared by every stream of this replica.
@@ -164,11 +205,16 @@ impl Hub {
         })
     }
 
-    /// Reads the store into a first snapshot.
-    pub async fn load(store: &Store, trust_bundle: String) -> Result<Snapshot, StoreError> {
+    /// Reads the store into a first snapshot; `key_policy` selects the published signing keys.
+    pub async fn load(
+        store: &Store,
+        trust_bundle: String,
+        key_policy: KeyPolicy,
+    ) -> Result<Snapshot, StoreError> {
         let registry = store.registry().await?;
         let bundle = store.active_bundle().await?;
-        Ok(Snapshot::new(bundle, registry, trust_bundle))
+        let delegation = read_delegation(store, key_policy).await?;
+        Ok(Snapshot::new(bundle, registry, trust_bundle).with_delegation(delegation, key_policy))
     }
 
     /// The current snapshot.
@@ -203,28 +249,29 @@ impl Hub {
         let mut changes = store.subscribe();
         let mut resync = tokio::time::interval(RESYNC_EVERY);
         resync.tick().await;
-        let mut pending: Option<(bool, bool, Instant)> = None;
+        let mut pending: Option<Pending> = None;
         loop {
             let retry = pending.is_some();
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 change = changes.recv() => {
                     let heard = Instant::now();
-                    let (registry, policy) = match change {
-                        Ok(Change::Registry) => (true, false),
-                        Ok(Change::Policy) => (false, true),
-                        Err(broadcast::error::RecvError::Lagged(_)) => (true, true),
+                    let what = match change {
+                        Ok(Change::Registry) => Pending::registry(heard),
+                        Ok(Change::Policy) => Pending::policy(heard),
+                        Ok(Change::Delegation) => Pending::delegation(heard),
+                        Err(broadcast::error::RecvError::Lagged(_)) => Pending::everything(heard),
                         Err(broadcast::error::RecvError::Closed) => return,
                     };
-                    pending = Some(merge(pending, registry, policy, heard));
+                    pending = Some(Pending::merge(pending, what));
                 }
                 _ = resync.tick() => {
-                    pending = Some(merge(pending, true, true, Instant::now()));
+                    pending = Some(Pending::merge(pending, Pending::everything(Instant::now())));
                 }
                 _ = tokio::time::sleep(RETRY_AFTER), if retry => {}
             }
-            if let Some((registry, policy, heard)) = pending {
-                match self.refresh(&store, registry, policy, heard).await {
+            if let Some(what) = pending {
+                match self.refresh(&store, what).await {
                     Ok(()) => {
                         pending = None;
                         self.healthy.store(true, Ordering::Relaxed);
@@ -241,25 +288,25 @@ impl Hub {
 
     /// Re-reads everything now (a request saw the store ahead of the snapshot).
     pub async fn refresh_now(&self, store: &Store) -> Result<(), StoreError> {
-        self.refresh(store, true, true, Instant::now()).await
+        self.refresh(store, Pending::everything(Instant::now()))
+            .await
     }
 
-    async fn refresh(
-        &self,
-        store: &Store,
-        registry: bool,
-        policy: bool,
-        heard: Instant,
-    ) -> Result<(), StoreError> {
+    async fn refresh(&self, store: &Store, what: Pending) -> Result<(), StoreError> {
         let _serialised = self.refresh_lock.lock().await;
         let old = self.snapshot();
-        let new_registry = if registry {
+        let new_registry = if what.registry {
             Some(store.registry().await?)
         } else {
             None
         };
-        let new_bundle = if policy {
+        let new_bundle = if what.policy {
             Some(store.active_bundle().await?)
+        } else {
+            None
+        };
+        let new_delegation = if what.delegation {
+            Some(read_delegation(store, old.key_policy).await?)
         } else {
             None
         };
@@ -270,7 +317,10 @@ impl Hub {
             b.as_ref().map(|b| (b.version, &b.digest))
                 != old.bundle.as_ref().map(|b| (b.version, &b.digest))
         });
-        if !registry_changed && !bundle_changed {
+        let delegation_changed = new_delegation
+            .as_ref()
+            .is_some_and(|d| d.revision != old.delegation.revision);
+        if !registry_changed && !bundle_changed && !delegation_changed {
             return Ok(());
         }
         let registry = match new_registry {
@@ -281,11 +331,17 @@ impl Hub {
             Some(b) if bundle_changed => b,
             _ => old.bundle.as_deref().cloned(),
         };
-        let mut snapshot = Snapshot::new(bundle, registry, old.trust_bundle.clone());
-        snapshot.changed_at = heard;
+        let delegation = match new_delegation {
+            Some(d) if delegation_changed => d,
+            _ => (*old.delegation).clone(),
+        };
+        let mut snapshot = Snapshot::new(bundle, registry, old.trust_bundle.clone())
+            .with_delegation(delegation, old.key_policy);
+        snapshot.changed_at = what.heard;
         tracing::debug!(
             registry_revision = snapshot.registry.revision,
             policy_version = ?snapshot.policy_version(),
+            delegation_revision = snapshot.delegation.revision,
             "publishing a new push snapshot"
         );
         self.publish(snapshot);
@@ -307,6 +363,7 @@ impl Hub {
                 .as_ref()
                 .map(|b| (b.version, b.digest.clone())),
             registry_revision: Some(snapshot.registry.revision),
+            delegation_revision: Some(snapshot.delegation.revision),
         };
         self.connected.lock().expect("connected lock").insert(
             id,
@@ -316,6 +373,7 @@ impl Hub {
                     .to_string(),
                 policy_version: sent.bundle.as_ref().map(|b| b.0),
                 registry_revision: sent.registry_revision,
+                delegation_revision: sent.delegation_revision,
             },
         );
         metrics().connected_sidecars.inc();
@@ -338,15 +396,73 @@ impl Hub {
     }
 }
 
-fn merge(
-    pending: Option<(bool, bool, Instant)>,
+/// The delegation state sidecars need now: revision, published keys, revoked grants.
+async fn read_delegation(
+    store: &Store,
+    key_policy: KeyPolicy,
+) -> Result<DelegationState, StoreError> {
+    store
+        .delegation_state(now_ms(), |keys, now| key_policy.published(keys, now))
+        .await
+}
+
+/// What to re-read from the store, and when the first change asking for it was heard.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
     registry: bool,
     policy: bool,
+    delegation: bool,
     heard: Instant,
-) -> (bool, bool, Instant) {
-    match pending {
-        Some((r, p, first)) => (r || registry, p || policy, first),
-        None => (registry, policy, heard),
+}
+
+impl Pending {
+    fn registry(heard: Instant) -> Self {
+        Self {
+            registry: true,
+            policy: false,
+            delegation: false,
+            heard,
+        }
+    }
+
+    fn policy(heard: Instant) -> Self {
+        Self {
+            registry: false,
+            policy: true,
+            delegation: false,
+            heard,
+        }
+    }
+
+    fn delegation(heard: Instant) -> Self {
+        Self {
+            registry: false,
+            policy: false,
+            delegation: true,
+            heard,
+        }
+    }
+
+    fn everything(heard: Instant) -> Self {
+        Self {
+            registry: true,
+            policy: true,
+            delegation: true,
+            heard,
+        }
+    }
+
+    /// Both sets of work, timed from the earlier change.
+    fn merge(pending: Option<Pending>, new: Pending) -> Pending {
+        match pending {
+            Some(p) => Pending {
+                registry: p.registry || new.registry,
+                policy: p.policy || new.policy,
+                delegation: p.delegation || new.delegation,
+                heard: p.heard,
+            },
+            None => new,
+        }
     }
 }
 
@@ -404,6 +520,10 @@ impl StreamState {
             self.queue.push(snapshot.registry_line.clone());
             self.sent.registry_revision = Some(snapshot.registry.revision);
         }
+        if self.sent.delegation_revision != Some(snapshot.delegation.revision) {
+            self.queue.push(snapshot.delegation_line.clone());
+            self.sent.delegation_revision = Some(snapshot.delegation.revision);
+        }
         if !self.queue.is_empty() {
             let latency = snapshot.changed_at.elapsed().as_secs_f64();
             for _ in &self.queue {
@@ -419,6 +539,7 @@ impl StreamState {
             {
                 entry.policy_version = self.sent.bundle.as_ref().map(|b| b.0);
                 entry.registry_revision = self.sent.registry_revision;
+                entry.delegation_revision = self.sent.delegation_revision;
             }
         }
         // Only an explicit status ends the stream: a snapshot older than the workload's
@@ -511,7 +632,7 @@ mod tests {
         let up_to_date = StreamQuery {
             policy_version: Some(3),
             registry_revision: Some(7),
-            delegation_revision: None,
+            delegation_revision: Some(0),
         };
         assert_eq!(
             parse(&snap.first_line(&up_to_date)),
@@ -546,6 +667,77 @@ mod tests {
             panic!("not an update");
         };
         assert_eq!(b.unwrap().version, 3);
+    }
+
+    fn delegation(revision: u64, revoked: &[&str]) -> DelegationState {
+        DelegationState {
+            revision,
+            keys: vec![],
+            revoked_grants: revoked
+                .iter()
+                .map(|id| mandate_wire::RevokedGrant {
+                    id: (*id).to_owned(),
+                    expires_at: 2_000_000_000,
+                })
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn delegation_state_comes_first_unless_current_then_once_per_revision() {
+        let snap = || {
+            Snapshot::new(None, registry(1, WorkloadStatus::Active), "PEM".into())
+                .with_delegation(delegation(2, &[]), KeyPolicy::default())
+        };
+        let first = |revision| {
+            let query = StreamQuery {
+                registry_revision: Some(1),
+                delegation_revision: revision,
+                ..StreamQuery::default()
+            };
+            let StreamMessage::Update { delegation, .. } = parse(&snap().first_line(&query)) else {
+                panic!("not an update");
+            };
+            delegation
+        };
+        assert_eq!(first(None), Some(delegation(2, &[])));
+        assert_eq!(first(Some(1)), Some(delegation(2, &[])));
+        assert_eq!(
+            first(Some(2)),
+            None,
+            "a sidecar at the current revision resumes"
+        );
+
+        let hub = Hub::new(snap(), CancellationToken::new());
+        let mut stream = Box::pin(hub.stream(
+            PEER.into(),
+            StreamQuery {
+                registry_revision: Some(1),
+                delegation_revision: Some(2),
+                ..StreamQuery::default()
+            },
+        ));
+        let StreamMessage::Update { delegation: d, .. } =
+            parse(&stream.next().await.unwrap().unwrap())
+        else {
+            panic!("not an update");
+        };
+        assert!(d.is_none());
+        // A grant is revoked: only the delegation state is sent, once.
+        hub.publish(
+            Snapshot::new(None, registry(1, WorkloadStatus::Active), "PEM".into())
+                .with_delegation(delegation(3, &["g1"]), KeyPolicy::default()),
+        );
+        assert_eq!(
+            parse(&stream.next().await.unwrap().unwrap()),
+            StreamMessage::Update {
+                bundle: None,
+                registry: None,
+                trust_bundle: None,
+                delegation: Some(delegation(3, &["g1"])),
+            }
+        );
+        assert_eq!(hub.connected()[0].delegation_revision, Some(3));
     }
 
     #[tokio::test]

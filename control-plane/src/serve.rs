@@ -17,6 +17,7 @@ use crate::ca::{self, CaSetupError, OwnSvid, StoreKey};
 use crate::config::{
     AdminToken, AdminTokenSource, CA_FILE, ConfigError, ServeArgs, ServeConfig, StoreKeySource,
 };
+use crate::delegation::Delegation;
 use crate::enroll::Enroller;
 use crate::push::Hub;
 use crate::registry::Registrar;
@@ -41,6 +42,9 @@ pub enum ServeError {
     /// A listener could not start.
     #[error(transparent)]
     Server(#[from] ServerError),
+    /// The delegation signing keys are unusable.
+    #[error(transparent)]
+    DelegationKeys(#[from] crate::delegation::KeyError),
     /// The data directory is unusable.
     #[error("--data-dir {path}")]
     DataDir {
@@ -108,8 +112,15 @@ pub async fn serve(
     let ca_der = ca::ca_der(&ca)?;
     let own = Arc::new(OwnSvid::issue(&ca, config.svid_ttl)?);
 
+    let delegation = Delegation::start(
+        store.clone(),
+        store_key.clone(),
+        config.trust_domain.clone(),
+        config.delegation,
+    )
+    .await?;
     let hub = Hub::new(
-        Hub::load(&store, ca.cert_pem().to_owned()).await?,
+        Hub::load(&store, ca.cert_pem().to_owned(), config.delegation.keys).await?,
         cancel.child_token(),
     );
     let state = AppState {
@@ -125,6 +136,7 @@ pub async fn serve(
         ),
         enroller: Enroller::new(store.clone(), ca.clone(), ca_der, config.svid_ttl),
         hub: hub.clone(),
+        delegation: delegation.clone(),
         approval_ttl: config.approval_ttl,
     };
     let tls = Arc::new(server::tls_config(
@@ -137,6 +149,7 @@ pub async fn serve(
 
     let background = TaskTracker::new();
     background.spawn(hub.clone().follow(store.clone()));
+    background.spawn(delegation.clone().maintain(cancel.child_token()));
     background.spawn(own.clone().renew_at_half_life(
         ca.clone(),
         config.svid_ttl,

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service as _;
 
-use crate::api::extract::PeerIdentity;
+use crate::api::extract::{PeerCertificate, PeerIdentity};
 use crate::push::Hub;
 
 /// How long a client has to finish the TLS handshake.
@@ -133,12 +133,18 @@ pub async fn serve_api(
                 .1
                 .peer_certificates()
                 .and_then(|certs| certs.first())
-                .and_then(|leaf| check_svid(leaf, &trust_domain).ok())
-                .map(|svid| PeerIdentity(svid.id));
+                .and_then(|leaf| {
+                    let svid = check_svid(leaf, &trust_domain).ok()?;
+                    Some((
+                        PeerIdentity(svid.id),
+                        PeerCertificate(Arc::from(leaf.as_ref())),
+                    ))
+                });
             let service =
                 hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
-                    if let Some(peer) = &peer {
+                    if let Some((peer, cert)) = &peer {
                         req.extensions_mut().insert(peer.clone());
+                        req.extensions_mut().insert(cert.clone());
                     }
                     let mut router = router.clone();
                     async move { router.call(req.map(axum::body::Body::new)).await }

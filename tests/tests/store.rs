@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use mandate_control_plane::store::{
-    BundleSummary, Change, DecisionQuery, JoinTokenRefusal, NewBundle, NewWorkload, Store,
-    StoreError, StoreLocation, StoredSecret, WorkloadKind, WorkloadStatus,
+    BundleSummary, Change, DecisionQuery, GrantQuery, GrantStatus, JoinTokenRefusal, NewBundle,
+    NewGrant, NewWorkload, Store, StoreError, StoreLocation, StoredDelegationKey, StoredSecret,
+    WorkloadKind, WorkloadStatus,
 };
 use mandate_e2e::postgres::Postgres;
 use mandate_e2e::within;
@@ -98,9 +99,12 @@ async fn suite(backend: Backend) -> anyhow::Result<()> {
         decisions_are_idempotent,
         decision_queries_filter,
         decision_ingest_rate,
+        grants_insert_list_revoke_close,
+        delegation_keys_and_revision,
     );
     if let Backend::Postgres(_) = backend {
         run_cases!(backend, replicas_see_each_others_changes);
+        run_cases!(backend, replicas_see_each_others_delegation_changes);
     }
     Ok(())
 }
@@ -942,5 +946,242 @@ async fn replicas_see_each_others_changes(
     drop(b);
     a.activate_bundle(1).await?;
     expect_change(&mut on_a, Change::Policy, "A's own rollback").await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grants and delegation keys
+
+/// A grant of `agent`'s for alice, created at `created` (unix ms), lasting `ttl_ms`.
+fn new_grant(n: u32, agent: &str, task: Option<&str>, created: i64, ttl_ms: i64) -> NewGrant {
+    NewGrant {
+        id: format!("0198a1b2-0000-7000-8000-{n:012}"),
+        agent: agent.into(),
+        agent_id: format!("spiffe://mandate.local/agent/{agent}"),
+        subject: "alice@example.com".into(),
+        scopes: vec![json!({"tool": "search"})],
+        constraints: json!({"arguments": {"q": "mandate*"}}).as_object().cloned(),
+        purpose: "research".into(),
+        task: task.map(str::to_owned),
+        approved_by: "bob@example.com".into(),
+        approved_at: created,
+        created_at: created,
+        expires_at: created + ttl_ms,
+    }
+}
+
+fn grant_query(f: impl FnOnce(&mut GrantQuery)) -> GrantQuery {
+    let mut q = GrantQuery {
+        limit: 100,
+        ..GrantQuery::default()
+    };
+    f(&mut q);
+    q
+}
+
+async fn grants_insert_list_revoke_close(store: Store, _: &StoreLocation) -> anyhow::Result<()> {
+    const NOW: i64 = 1_800_000_000_000;
+    store.insert_workload(&agent("research")).await?;
+    store.insert_workload(&agent("writer")).await?;
+    let a = store
+        .insert_grant(&new_grant(1, "research", Some("t1"), NOW, 60_000))
+        .await?;
+    store
+        .insert_grant(&new_grant(2, "writer", Some("t1"), NOW + 1, 60_000))
+        .await?;
+    store
+        .insert_grant(&new_grant(3, "research", None, NOW + 2, 1_000))
+        .await?;
+    assert!(matches!(
+        store
+            .insert_grant(&new_grant(4, "nobody", None, NOW, 1_000))
+            .await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        store
+            .insert_grant(&new_grant(1, "research", None, NOW, 1_000))
+            .await,
+        Err(StoreError::Conflict { .. })
+    ));
+
+    assert_eq!(store.grant(&a.id, NOW).await?, a, "everything round-trips");
+    let ids = |grants: Vec<mandate_control_plane::store::Grant>| -> Vec<String> {
+        grants.into_iter().map(|g| g.id[24..].to_owned()).collect()
+    };
+    let at = NOW + 5_000;
+    assert_eq!(
+        ids(store.grants(&grant_query(|_| {}), at).await?),
+        ["000000000003", "000000000002", "000000000001"]
+    );
+    assert_eq!(
+        ids(store
+            .grants(&grant_query(|q| q.agent = Some("research".into())), at)
+            .await?),
+        ["000000000003", "000000000001"]
+    );
+    assert_eq!(
+        ids(store
+            .grants(&grant_query(|q| q.task = Some("t1".into())), at)
+            .await?),
+        ["000000000002", "000000000001"]
+    );
+    assert_eq!(
+        ids(store
+            .grants(&grant_query(|q| q.status = Some(GrantStatus::Expired)), at)
+            .await?),
+        ["000000000003"],
+        "an active grant past its expiry shows as expired"
+    );
+    assert_eq!(
+        store
+            .grant(&new_grant(3, "x", None, 0, 0).id, at)
+            .await?
+            .status,
+        GrantStatus::Expired
+    );
+    assert_eq!(
+        ids(store
+            .grants(
+                &grant_query(|q| {
+                    q.status = Some(GrantStatus::Active);
+                    q.limit = 1;
+                }),
+                at
+            )
+            .await?),
+        ["000000000002"]
+    );
+
+    // Revoking bumps the delegation revision once; the revoked grant is listed until it expires.
+    let before = store.delegation_revision().await?;
+    let revoked = store.revoke_grant(&a.id, "carol", at).await?;
+    assert_eq!(revoked.status, GrantStatus::Revoked);
+    assert_eq!(revoked.revoked_by.as_deref(), Some("carol"));
+    assert_eq!(revoked.revoked_at, Some(at));
+    assert_eq!(store.revoke_grant(&a.id, "dave", at + 1).await?, revoked);
+    assert_eq!(store.delegation_revision().await?, before + 1);
+    let listed = store.revoked_grants(at).await?;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, a.id);
+    assert_eq!(listed[0].expires_at, (NOW + 60_000) / 1000);
+    assert!(store.revoked_grants(NOW + 60_000).await?.is_empty());
+    assert!(matches!(
+        store
+            .revoke_grant("0198a1b2-0000-7000-8000-999999999999", "x", at)
+            .await,
+        Err(StoreError::NotFound { .. })
+    ));
+
+    // Closing a task closes its active grants (not the revoked one), once.
+    let closed = store.close_task("t1", "alice", at).await?;
+    assert_eq!(ids(closed.clone()), ["000000000002"]);
+    assert_eq!(closed[0].status, GrantStatus::Closed);
+    assert_eq!(store.delegation_revision().await?, before + 2);
+    assert!(store.close_task("t1", "alice", at).await?.is_empty());
+    assert_eq!(store.delegation_revision().await?, before + 2);
+    assert!(matches!(
+        store.close_task("t9", "alice", at).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.revoke_grant(&closed[0].id, "x", at).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    assert_eq!(store.revoked_grants(at).await?.len(), 2);
+    Ok(())
+}
+
+fn stored_key(kid: &str, created_at: i64) -> StoredDelegationKey {
+    StoredDelegationKey {
+        kid: kid.into(),
+        public_jwk: mandate_wire::Jwk {
+            kty: "EC".into(),
+            crv: "P-256".into(),
+            alg: "ES256".into(),
+            key_use: "sig".into(),
+            kid: kid.into(),
+            x: "x".into(),
+            y: "y".into(),
+        },
+        key_sealed: format!("sealed-{kid}"),
+        created_at,
+    }
+}
+
+async fn delegation_keys_and_revision(store: Store, _: &StoreLocation) -> anyhow::Result<()> {
+    let mut rx = store.subscribe();
+    assert_eq!(store.delegation_revision().await?, 0);
+    assert!(store.delegation_keys().await?.is_empty());
+    assert!(
+        store
+            .insert_delegation_key(&stored_key("k1", 1_000), None)
+            .await?
+    );
+    next_change(&mut rx, "key created").await?;
+    // Another replica rotated meanwhile: a key created at or after the threshold stands.
+    assert!(
+        !store
+            .insert_delegation_key(&stored_key("k2", 2_000), Some(1_000))
+            .await?
+    );
+    assert!(
+        store
+            .insert_delegation_key(&stored_key("k2", 2_000), Some(1_001))
+            .await?
+    );
+    assert!(matches!(
+        store
+            .insert_delegation_key(&stored_key("k2", 3_000), None)
+            .await,
+        Err(StoreError::Conflict { .. })
+    ));
+    let keys = store.delegation_keys().await?;
+    assert_eq!(keys, vec![stored_key("k1", 1_000), stored_key("k2", 2_000)]);
+    assert_eq!(store.delegation_revision().await?, 2);
+    let state = store
+        .delegation_state(5_000, |keys, now| {
+            assert_eq!(now, 5_000);
+            keys.iter().skip(1).map(|k| k.public_jwk.clone()).collect()
+        })
+        .await?;
+    assert_eq!(state.revision, 2);
+    assert_eq!(state.keys.len(), 1);
+    assert_eq!(state.keys[0].kid, "k2");
+    assert!(state.revoked_grants.is_empty());
+    Ok(())
+}
+
+async fn replicas_see_each_others_delegation_changes(
+    a: Store,
+    location: &StoreLocation,
+) -> anyhow::Result<()> {
+    let b = Store::open(location).await?;
+    let mut on_b = b.subscribe();
+    a.insert_workload(&agent("research")).await?;
+    let grant = a
+        .insert_grant(&new_grant(
+            1,
+            "research",
+            Some("t"),
+            1_800_000_000_000,
+            60_000,
+        ))
+        .await?;
+    settle(&mut on_b).await;
+    let started = Instant::now();
+    a.revoke_grant(&grant.id, "carol", 1_800_000_001_000)
+        .await?;
+    expect_change(&mut on_b, Change::Delegation, "A's revocation seen by B").await?;
+    eprintln!(
+        "store/postgres: B saw A's revocation after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(b.delegation_revision().await?, 1);
+    settle(&mut on_b).await;
+    a.insert_delegation_key(&stored_key("k1", 1_000), None)
+        .await?;
+    expect_change(&mut on_b, Change::Delegation, "A's new key seen by B").await?;
+    assert_eq!(b.delegation_keys().await?.len(), 1);
     Ok(())
 }

@@ -17,6 +17,11 @@ use super::error::HttpError;
 #[derive(Debug, Clone)]
 pub struct PeerIdentity(pub SpiffeId);
 
+/// The DER of the TLS client's leaf certificate, inserted by the server with [`PeerIdentity`]:
+/// delegation tokens are bound to the certificate of the connection that asked for them.
+#[derive(Debug, Clone)]
+pub struct PeerCertificate(pub std::sync::Arc<[u8]>);
+
 /// A request authenticated with the admin token.
 #[derive(Debug)]
 pub struct Admin;
@@ -73,6 +78,31 @@ impl<S: Send + Sync> FromRequestParts<S> for Peer {
                     "sidecar endpoints need a client certificate: the sidecar's SVID issued by this control plane",
                 )
             })
+    }
+}
+
+/// The caller's verified SVID identity and the `x5t#S256` thumbprint of the certificate it
+/// presented on this connection; requests without a client certificate get 401.
+#[derive(Debug)]
+pub struct Presenter {
+    /// The SPIFFE ID of the client certificate.
+    pub id: SpiffeId,
+    /// [`mandate_wire::delegation::thumbprint`] of its DER.
+    pub thumbprint: String,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Presenter {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, HttpError> {
+        let Peer(id) = Peer::from_request_parts(parts, state).await?;
+        let cert = parts.extensions.get::<PeerCertificate>().ok_or_else(|| {
+            HttpError::unauthorized("this endpoint needs the client certificate of the connection")
+        })?;
+        Ok(Presenter {
+            id,
+            thumbprint: mandate_wire::delegation::thumbprint(&cert.0),
+        })
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod approvals;
 pub mod error;
 pub mod extract;
+pub mod grants;
 
 use std::sync::Arc;
 
@@ -62,6 +63,8 @@ pub struct AppState {
     pub enroller: Enroller,
     /// The push hub.
     pub hub: Arc<Hub>,
+    /// Delegation signing keys, token issue and exchange.
+    pub delegation: Arc<crate::delegation::Delegation>,
     /// How long a per-action approval may be decided and redeemed after it was asked for.
     pub approval_ttl: std::time::Duration,
 }
@@ -141,6 +144,7 @@ fn routes() -> Routes {
         );
     }
     r = approvals::add_routes(r);
+    r = grants::add_routes(r);
     r.add(
         Method::POST,
         "/v1/policies",
@@ -414,3 +418,5 @@ async fn ingest_decisions(
 mod tests;
 #[cfg(test)]
 mod tests_approvals;
+#[cfg(test)]
+mod tests_grants;

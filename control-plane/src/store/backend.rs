@@ -99,6 +99,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/0001_schema.sql"),
     ),
     (
+        3,
+        "delegation",
+        include_str!("../../migrations/0003_delegation.sql"),
+    ),
+    (
         4,
         "approvals",
         include_str!("../../migrations/0004_approvals.sql"),
@@ -254,4 +259,5 @@ async fn forward(pool: PgPool, listener: PgListener, changes: broadcast::Sender<
 fn announce_everything(changes: &broadcast::Sender<Change>) {
     let _ = changes.send(Change::Registry);
     let _ = changes.send(Change::Policy);
+    let _ = changes.send(Change::Delegation);
 }

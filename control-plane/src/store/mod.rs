@@ -10,6 +10,7 @@ mod approvals;
 mod backend;
 mod bundles;
 mod decisions;
+mod grants;
 mod registry;
 
 use std::collections::BTreeMap;
@@ -28,6 +29,7 @@ pub use approvals::{
     Approval, ApprovalRefusal, ApprovalStatus, NewApproval, Verdict, ms_to_rfc3339,
 };
 use backend::Pool;
+pub use grants::{Grant, GrantQuery, GrantStatus, NewGrant, StoredDelegationKey, ms_rfc3339};
 
 /// Where the store lives.
 #[derive(Clone)]
@@ -295,6 +297,9 @@ pub enum Change {
     Registry,
     /// The active policy bundle; re-read [`Store::active_bundle`].
     Policy,
+    /// Delegation: a signing key was created or a grant revoked or closed; re-read
+    /// [`Store::delegation_state`] (and the signing keys).
+    Delegation,
 }
 
 impl Change {
@@ -303,6 +308,7 @@ impl Change {
         match self {
             Self::Registry => "registry",
             Self::Policy => "policy",
+            Self::Delegation => "delegation",
         }
     }
 
@@ -311,6 +317,7 @@ impl Change {
         match s {
             "registry" => Some(Self::Registry),
             "policy" => Some(Self::Policy),
+            "delegation" => Some(Self::Delegation),
             _ => None,
         }
     }
@@ -370,7 +377,7 @@ impl Store {
     }
 
     /// Changes from this replica's writes and (PostgreSQL) the other replicas'. A change may be
-    /// announced more than once, and after a lost connection both kinds are announced because
+    /// announced more than once, and after a lost connection every kind is announced because
     /// notifications may have been missed: subscribers re-read, they do not count.
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.inner.changes.subscribe()
@@ -477,7 +484,7 @@ mod tests {
 
     #[test]
     fn change_payloads_round_trip() {
-        for change in [Change::Registry, Change::Policy] {
+        for change in [Change::Registry, Change::Policy, Change::Delegation] {
             assert_eq!(Change::parse(change.as_str()), Some(change));
         }
         assert_eq!(Change::parse("grants"), None);
