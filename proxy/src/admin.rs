@@ -59,6 +59,7 @@ impl Admin {
             "workers": config.workers,
             "drain_timeout": humantime::format_duration(config.drain_timeout).to_string(),
             "log_format": config.log_format,
+            "delegation_leeway": humantime::format_duration(config.delegation_leeway).to_string(),
             "policy": config.policy.as_ref().map(|p| json!({
                 "source": p.source,
                 "settings": p.settings,

@@ -70,8 +70,8 @@ pub struct Decision {
     pub approval: Option<ApprovalRecord>,
     /// The approval asked for on this refusal (`approval_id` in the answer).
     pub approval_id: Option<String>,
-    /// The `error` word of a refusal: `denied`, `delegation_refused`, `approval_required`,
-    /// `approval_refused`.
+    /// The `error` word of a refusal: `denied` (a redeemed approval refused too),
+    /// `delegation_refused`, `approval_required`.
     pub error: &'static str,
 }
 
@@ -607,7 +607,6 @@ impl Authorizer {
         let fingerprint = approval::fingerprint(shape);
         match &credentials.approval {
             Some(Err(why)) => {
-                d.error = "approval_refused";
                 d.reason = format!("approval refused: {why}");
                 self.metrics.approval("refused");
             }
@@ -623,7 +622,6 @@ impl Authorizer {
                 }
                 Err(e) => {
                     self.metrics.approval("refused");
-                    d.error = "approval_refused";
                     d.reason = match &e {
                         // The control plane names the approval and why (pending, used, ...).
                         ClientError::Api { error, .. } => format!("approval refused: {error}"),
@@ -873,7 +871,7 @@ fn stamp_decision(resp: &mut Response<ProxyBody>, d: &Decision) {
 /// The JSON-RPC message of a refusal: the policy's reason for a denial, the reason itself for the
 /// sidecar's own refusals (which say what they are).
 fn refusal_message(d: &Decision) -> String {
-    if d.error == "denied" {
+    if d.error == "denied" && !d.require_approval {
         format!("denied by policy: {}", d.reason)
     } else {
         d.reason.clone()

@@ -140,6 +140,9 @@ pub struct Args {
     /// cross-checks), rvm, or interpreter [default: auto].
     #[arg(long, env = "MANDATE_POLICY_ENGINE")]
     pub policy_engine: Option<String>,
+    /// Clock skew tolerated on a delegation token's exp and nbf, e.g. 30s [default: 30s].
+    #[arg(long, env = "MANDATE_DELEGATION_LEEWAY")]
+    pub delegation_leeway: Option<String>,
 }
 
 impl Args {
@@ -188,6 +191,7 @@ impl Args {
             body_limit: self.body_limit.or(file.body_limit),
             policy_timeout: self.policy_timeout.or(file.policy_timeout),
             policy_engine: self.policy_engine.or(file.policy_engine),
+            delegation_leeway: self.delegation_leeway.or(file.delegation_leeway),
         })
     }
 }
@@ -314,6 +318,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Policy evaluated on every call (`None`: routes alone decide; always present when managed).
     pub policy: Option<PolicyConfig>,
+    /// Clock skew tolerated on delegation tokens' `exp` and `nbf`.
+    pub delegation_leeway: Duration,
 }
 
 /// Policy settings, present when `--policy` is given or in managed mode.
@@ -404,6 +410,9 @@ impl Config {
         let drain_timeout =
             humantime::parse_duration(args.drain_timeout.as_deref().unwrap_or("15s"))
                 .map_err(|e| field("--drain-timeout", format!("{e} (use e.g. 15s or 500ms)")))?;
+        let delegation_leeway =
+            humantime::parse_duration(args.delegation_leeway.as_deref().unwrap_or("30s"))
+                .map_err(|e| field("--delegation-leeway", format!("{e} (use e.g. 30s or 0s)")))?;
         let mut seen = vec![
             (outbound, "--outbound"),
             (inbound, "--inbound"),
@@ -431,6 +440,7 @@ impl Config {
             workers,
             drain_timeout,
             log_format: args.log_format.unwrap_or(LogFormat::Text),
+            delegation_leeway,
         })
     }
 }
@@ -611,6 +621,7 @@ mod tests {
         assert_eq!(c.inbound.to_string(), "0.0.0.0:15006");
         assert_eq!(c.admin.to_string(), "127.0.0.1:15000");
         assert_eq!(c.drain_timeout, Duration::from_secs(15));
+        assert_eq!(c.delegation_leeway, Duration::from_secs(30));
         assert!(c.app.is_none());
     }
 

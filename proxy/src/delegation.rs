@@ -29,7 +29,7 @@ use crate::metrics::{Direction, Metrics};
 use crate::sync::client::ClientError;
 use crate::sync::{rfc3339, unix_now};
 
-/// Clock skew tolerated on `exp` and `nbf`, seconds.
+/// Clock skew tolerated on `exp` and `nbf` unless `--delegation-leeway` says otherwise, seconds.
 pub const LEEWAY_SECS: u64 = 30;
 /// Verified tokens kept (per token and presenter).
 const VERIFIED_ENTRIES: usize = 16 * 1024;
@@ -197,20 +197,23 @@ pub struct Verifier {
     /// `spiffe://<td>/control-plane`.
     issuer: String,
     managed: bool,
+    /// Clock skew tolerated on `exp` and `nbf`, seconds.
+    leeway: u64,
     trusted: ArcSwap<Trusted>,
     verified: Cache<[u8; 32], Arc<Verified>>,
     metrics: Arc<Metrics>,
 }
 
 impl Verifier {
-    /// A verifier for `trust_domain` with no keys yet. `managed`: keys will come from the control
-    /// plane (standalone sidecars refuse every token).
+    /// A verifier for `trust_domain` with no keys yet, tolerating [`LEEWAY_SECS`] of clock skew.
+    /// `managed`: keys will come from the control plane (standalone sidecars refuse every token).
     pub fn new(trust_domain: &TrustDomain, managed: bool, metrics: Arc<Metrics>) -> Self {
         let domain = format!("spiffe://{trust_domain}");
         Self {
             issuer: format!("{domain}{CONTROL_PLANE_PATH}"),
             domain,
             managed,
+            leeway: LEEWAY_SECS,
             trusted: ArcSwap::from_pointee(Trusted {
                 revision: None,
                 keys: KeySet::default(),
@@ -220,6 +223,12 @@ impl Verifier {
             verified: Cache::new(VERIFIED_ENTRIES),
             metrics,
         }
+    }
+
+    /// Tolerates `leeway` of clock skew on `exp` and `nbf` instead.
+    pub fn with_leeway(mut self, leeway: std::time::Duration) -> Self {
+        self.leeway = leeway.as_secs();
+        self
     }
 
     /// `spiffe://<td>`.
@@ -340,7 +349,7 @@ impl Verifier {
         let now = unix_now();
         let verified = match self.verified.get(&key) {
             Some(hit) => {
-                recheck(&hit.claims, presenter, audiences, now)
+                recheck(&hit.claims, presenter, audiences, now, self.leeway)
                     .map_err(|e| Refusal::from_error(&e))?;
                 hit
             }
@@ -357,7 +366,7 @@ impl Verifier {
                         presenter_id: presenter.id,
                         presenter_thumbprint: presenter.thumbprint,
                         now,
-                        leeway_secs: LEEWAY_SECS,
+                        leeway_secs: self.leeway,
                     },
                 )
                 .map_err(|e| Refusal::from_error(&e))?;
@@ -385,8 +394,13 @@ fn recheck(
     presenter: Presenter<'_>,
     audiences: &[&str],
     now: i64,
+    leeway: u64,
 ) -> Result<(), DelegationError> {
-    if now >= claims.exp.saturating_add(LEEWAY_SECS as i64) {
+    if now
+        >= claims
+            .exp
+            .saturating_add(i64::try_from(leeway).unwrap_or(i64::MAX))
+    {
         return Err(DelegationError::Expired { exp: claims.exp });
     }
     if !claims.aud.iter().any(|a| audiences.contains(&a.as_str())) {
@@ -714,7 +728,7 @@ mod tests {
             .get(&cache_key(&sha256(token.as_bytes()), THUMB))
             .unwrap();
         let later = unix_now() + LEEWAY_SECS as i64;
-        let err = recheck(&hit.claims, me(), AUD, later).unwrap_err();
+        let err = recheck(&hit.claims, me(), AUD, later, LEEWAY_SECS).unwrap_err();
         assert_eq!(err.check(), "expired");
         // Long expired: refused at once.
         let old = HeaderValue::from_str(&key.sign(&claims(-120))).unwrap();

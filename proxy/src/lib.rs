@@ -61,11 +61,14 @@ const DECISION_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let revocations = Arc::new(Revocations::new());
-    let delegation = Arc::new(Verifier::new(
-        &config.trust_domain,
-        matches!(config.mode, Mode::Managed(_)),
-        metrics.clone(),
-    ));
+    let delegation = Arc::new(
+        Verifier::new(
+            &config.trust_domain,
+            matches!(config.mode, Mode::Managed(_)),
+            metrics.clone(),
+        )
+        .with_leeway(config.delegation_leeway),
+    );
 
     // Bind everything before serving anything, so a taken port fails start-up cleanly.
     let outbound_listener = bind(config.outbound, "--outbound").await?;

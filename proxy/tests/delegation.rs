@@ -439,7 +439,7 @@ async fn delegation_exchange_and_approval_through_managed_sidecars() {
     ];
     let pending = call(a.outbound, "POST", "tool", "/approve-me", &retry, None).await;
     assert_eq!(pending.status, 403);
-    assert_eq!(pending.body["error"], "approval_refused");
+    assert_eq!(pending.body["error"], "denied");
     assert!(
         pending.body["reason"]
             .as_str()
