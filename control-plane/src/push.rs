@@ -587,6 +587,7 @@ mod tests {
                 owner: "o".into(),
                 description: String::new(),
                 ceiling: vec![],
+                autonomous: vec![],
                 labels: Default::default(),
             },
         );

@@ -17,7 +17,7 @@ pub const MAX_NAME_LEN: usize = 63;
 pub const MAX_OWNER_LEN: usize = 256;
 /// Longest description.
 pub const MAX_DESCRIPTION_LEN: usize = 4096;
-/// Most scopes in a ceiling.
+/// Most scopes in a ceiling (or in a workload's autonomous scopes).
 pub const MAX_SCOPES: usize = 256;
 /// Longest scope pattern.
 pub const MAX_PATTERN_LEN: usize = 1024;
@@ -44,6 +44,10 @@ pub struct RegisterRequest {
     /// The most it may ever do: scope objects.
     #[serde(default)]
     pub ceiling: Vec<Value>,
+    /// What it may do on its own, with no delegation from a person: scope objects. Policy
+    /// intersects them with the ceiling; none (the default) means it acts only when delegated.
+    #[serde(default)]
+    pub autonomous: Vec<Value>,
     /// Free-form labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -137,24 +141,30 @@ fn check_text(field: &str, text: &str, max: usize, required: bool) -> Result<(),
     Ok(())
 }
 
-/// Checks a ceiling: an array of scope objects whose keys are among [`SCOPE_KEYS`]; `port` is an
-/// integer 0–65535 or a pattern string, every other key a non-empty pattern string.
+/// Checks a ceiling: see [`validate_scopes`].
 pub fn validate_ceiling(ceiling: &[Value]) -> Result<(), Invalid> {
-    if ceiling.len() > MAX_SCOPES {
+    validate_scopes("ceiling", ceiling)
+}
+
+/// Checks an array of scopes (a ceiling, autonomous scopes): scope objects whose keys are among
+/// [`SCOPE_KEYS`]; `port` is an integer 0–65535 or a pattern string, every other key a non-empty
+/// pattern string. Errors name the field under `what`, e.g. `autonomous[1].port`.
+pub fn validate_scopes(what: &str, scopes: &[Value]) -> Result<(), Invalid> {
+    if scopes.len() > MAX_SCOPES {
         return Err(invalid(
-            "ceiling",
-            format!("a ceiling has at most {MAX_SCOPES} scopes"),
+            what,
+            format!("{what} has at most {MAX_SCOPES} scopes"),
         ));
     }
-    for (i, scope) in ceiling.iter().enumerate() {
+    for (i, scope) in scopes.iter().enumerate() {
         let Value::Object(scope) = scope else {
             return Err(invalid(
-                format!("ceiling[{i}]"),
+                format!("{what}[{i}]"),
                 "a scope is an object such as {\"host\": \"github\", \"tool\": \"search_*\"}",
             ));
         };
         for (key, value) in scope {
-            let field = format!("ceiling[{i}].{key}");
+            let field = format!("{what}[{i}].{key}");
             if !SCOPE_KEYS.contains(&key.as_str()) {
                 return Err(invalid(
                     field,
@@ -228,6 +238,7 @@ pub fn validate(
     check_text("owner", &req.owner, MAX_OWNER_LEN, true)?;
     check_text("description", &req.description, MAX_DESCRIPTION_LEN, false)?;
     validate_ceiling(&req.ceiling)?;
+    validate_scopes("autonomous", &req.autonomous)?;
     validate_labels(&req.labels)?;
     let spiffe_id = spiffe_id(kind, trust_domain, &req.name)?;
     Ok(NewWorkload {
@@ -237,6 +248,7 @@ pub fn validate(
         owner: req.owner.trim().to_owned(),
         description: req.description,
         ceiling: req.ceiling,
+        autonomous: req.autonomous,
         labels: req.labels,
     })
 }
@@ -412,6 +424,38 @@ mod tests {
         let e = refusal(json!({"name": "a", "owner": "o", "ceiling": [{"tool": 5}]}));
         assert_eq!(e.message, "tool must be a pattern string");
         validate_ceiling(&[json!({"port": "80*"}), json!({})]).unwrap();
+        let e = refusal(json!({"name": "a", "owner": "o", "ceiling": vec![json!({}); 257]}));
+        assert_eq!(e.field, "ceiling");
+        assert_eq!(e.message, "ceiling has at most 256 scopes");
+    }
+
+    #[test]
+    fn autonomous_scopes_are_checked_like_the_ceiling() {
+        let new = validate(
+            WorkloadKind::Agent,
+            &td(),
+            req(
+                json!({"name": "a", "owner": "o", "ceiling": [{"host": "tool"}],
+                       "autonomous": [{"host": "tool", "tool": "search"}]}),
+            ),
+        )
+        .unwrap();
+        assert_eq!(new.autonomous, [json!({"host": "tool", "tool": "search"})]);
+        let none = validate(
+            WorkloadKind::Agent,
+            &td(),
+            req(json!({"name": "a", "owner": "o"})),
+        )
+        .unwrap();
+        assert!(none.autonomous.is_empty());
+        let e = refusal(
+            json!({"name": "a", "owner": "o", "autonomous": [{"host": "x"}, {"port": 70000}]}),
+        );
+        assert_eq!(e.field, "autonomous[1].port");
+        let e = refusal(json!({"name": "a", "owner": "o", "autonomous": [{"hots": "x"}]}));
+        assert_eq!(e.field, "autonomous[0].hots");
+        let e = refusal(json!({"name": "a", "owner": "o", "autonomous": ["search"]}));
+        assert_eq!(e.field, "autonomous[0]");
     }
 
     #[test]

@@ -184,6 +184,7 @@ mod tests {
                     owner: "o".into(),
                     description: String::new(),
                     ceiling: vec![],
+                    autonomous: vec![],
                     labels: BTreeMap::new(),
                 },
             );

@@ -253,6 +253,7 @@ fn registry(statuses: &[(&str, &str, WorkloadStatus)]) -> Registry {
             owner: "alice".into(),
             description: String::new(),
             ceiling: vec![],
+            autonomous: vec![],
             labels: BTreeMap::new(),
         };
         let map = if *kind == "agent" {

@@ -150,6 +150,7 @@ fn agent(name: &str) -> NewWorkload {
         owner: "alice@example.com".into(),
         description: format!("the {name} agent"),
         ceiling: vec![json!({"tool": "search", "methods": ["GET"]})],
+        autonomous: vec![json!({"tool": "search"})],
         labels: BTreeMap::from([("team".into(), "research".into())]),
     }
 }
@@ -159,6 +160,7 @@ fn service(name: &str) -> NewWorkload {
         kind: WorkloadKind::Service,
         spiffe_id: format!("spiffe://mandate.local/service/{name}"),
         ceiling: vec![],
+        autonomous: vec![],
         labels: BTreeMap::new(),
         ..agent(name)
     }
@@ -360,7 +362,10 @@ async fn workloads_insert_conflict_list_lookup(
     assert_eq!(revision(&store).await?, 3, "refused inserts bump nothing");
 
     let fetched = store.workload(WorkloadKind::Agent, "research").await?;
-    assert_eq!(fetched, research, "ceiling, labels and times round-trip");
+    assert_eq!(
+        fetched, research,
+        "ceiling, autonomous scopes, labels and times round-trip"
+    );
     let err = store
         .workload(WorkloadKind::Agent, "nobody")
         .await
@@ -496,6 +501,11 @@ async fn registry_snapshot_shape(store: Store, _: &StoreLocation) -> anyhow::Res
     );
     let data = registry.policy_data();
     assert_eq!(data["agents"]["research"]["ceiling"][0]["tool"], "search");
+    assert_eq!(
+        data["agents"]["research"]["autonomous"][0]["tool"],
+        "search"
+    );
+    assert_eq!(data["services"]["tools"]["autonomous"], json!([]));
     assert_eq!(data["agents"]["research"]["labels"]["team"], "research");
     assert_eq!(data["agents"]["writer"]["status"], "suspended");
     assert_eq!(data["services"]["tools"]["owner"], "alice@example.com");

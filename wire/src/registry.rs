@@ -60,6 +60,11 @@ pub struct RegistryEntry {
     /// The most it may ever do: scope objects (see policies/README.md).
     #[serde(default)]
     pub ceiling: Vec<Value>,
+    /// What it may do on its own, with no delegation from a person: scope objects. The reference
+    /// policy intersects them with the ceiling, so an autonomous scope wider than the ceiling
+    /// grants only what the ceiling allows.
+    #[serde(default)]
+    pub autonomous: Vec<Value>,
     /// Free-form labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -116,6 +121,7 @@ mod tests {
             owner: "alice".into(),
             description: String::new(),
             ceiling: vec![],
+            autonomous: vec![],
             labels: BTreeMap::new(),
         }
     }
@@ -158,6 +164,20 @@ mod tests {
         assert_eq!(data["agents"]["a"]["status"], "active");
         assert_eq!(data["services"], serde_json::json!({}));
         assert!(data.get("revision").is_none());
+    }
+
+    #[test]
+    fn autonomous_scopes_default_to_none() {
+        let old: RegistryEntry = serde_json::from_str(
+            r#"{"spiffe_id":"x","status":"active","owner":"o","ceiling":[{"host":"tool"}]}"#,
+        )
+        .unwrap();
+        assert!(old.autonomous.is_empty());
+        let new: RegistryEntry = serde_json::from_str(
+            r#"{"spiffe_id":"x","status":"active","owner":"o","autonomous":[{"tool":"search"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(new.autonomous, [serde_json::json!({"tool": "search"})]);
     }
 
     #[test]

@@ -108,6 +108,11 @@ pub struct RegisterArgs {
     /// Read the ceiling (a JSON array of scopes) from FILE.
     #[arg(long, value_name = "FILE")]
     pub ceiling_file: Option<PathBuf>,
+    /// What it may do on its own, with no delegation from a person: a JSON scope object or array
+    /// of scopes, e.g. '{"host":"tool","tool":"search"}' (repeatable; policy intersects them with
+    /// the ceiling). Without any, it acts only when delegated.
+    #[arg(long, value_name = "JSON", value_parser = parse_autonomous)]
+    pub autonomous: Vec<Ceiling>,
     /// A label (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<Label>,
@@ -134,6 +139,23 @@ pub fn parse_ceiling(s: &str) -> Result<Ceiling, String> {
     match value {
         Value::Array(scopes) => Ok(Ceiling(scopes)),
         _ => Err("must be a JSON array of scopes, such as '[{\"host\":\"tool\"}]'".to_owned()),
+    }
+}
+
+/// Parses one `--autonomous`: a JSON scope object, or an array of them (the server checks each).
+pub fn parse_autonomous(s: &str) -> Result<Ceiling, String> {
+    let value: Value = serde_json::from_str(s).map_err(|e| {
+        format!(
+            "not JSON ({e}); expected a scope such as '{{\"host\":\"tool\",\"tool\":\"search\"}}'"
+        )
+    })?;
+    match value {
+        Value::Array(scopes) => Ok(Ceiling(scopes)),
+        scope @ Value::Object(_) => Ok(Ceiling(vec![scope])),
+        _ => Err(
+            "must be a JSON scope object such as '{\"host\":\"tool\"}', or an array of them"
+                .to_owned(),
+        ),
     }
 }
 
@@ -170,6 +192,9 @@ pub struct RegisterRequest {
     /// Ceiling scopes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ceiling: Option<Vec<Value>>,
+    /// Autonomous scopes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub autonomous: Vec<Value>,
     /// Labels.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
@@ -200,6 +225,11 @@ impl RegisterRequest {
             owner: args.owner.clone(),
             description: args.description.clone(),
             ceiling,
+            autonomous: args
+                .autonomous
+                .iter()
+                .flat_map(|a| a.0.iter().cloned())
+                .collect(),
             labels,
         })
     }
@@ -224,6 +254,9 @@ pub struct Workload {
     /// Ceiling scopes.
     #[serde(default)]
     pub ceiling: Vec<Value>,
+    /// Autonomous scopes.
+    #[serde(default)]
+    pub autonomous: Vec<Value>,
     /// Labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -397,6 +430,7 @@ pub fn key_values(w: &Workload) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     let ceiling = serde_json::to_string(&w.ceiling).unwrap_or_default();
+    let autonomous = serde_json::to_string(&w.autonomous).unwrap_or_default();
     let rows = [
         ("name", w.name.as_str()),
         ("kind", w.kind.as_str()),
@@ -405,6 +439,7 @@ pub fn key_values(w: &Workload) -> String {
         ("owner", w.owner.as_str()),
         ("description", w.description.as_str()),
         ("ceiling", ceiling.as_str()),
+        ("autonomous", autonomous.as_str()),
         ("labels", labels.as_str()),
         ("created", w.created_at.as_str()),
         ("updated", w.updated_at.as_str()),
@@ -426,7 +461,7 @@ mod tests {
         serde_json::from_value(serde_json::json!({
             "name": "research", "kind": "agent", "spiffe_id": "spiffe://mandate.local/agent/research",
             "owner": "alice@example.com", "description": "", "ceiling": [{"host": "tool"}],
-            "labels": {"team": "r"}, "status": "active",
+            "autonomous": [{"host": "tool", "tool": "search"}], "labels": {"team": "r"}, "status": "active",
             "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z",
             "something_new": 1
         }))
@@ -463,6 +498,21 @@ mod tests {
         assert!(parse_ceiling("[oops").unwrap_err().contains("not JSON"));
     }
 
+    #[test]
+    fn an_autonomous_scope_is_an_object_or_an_array() {
+        assert_eq!(
+            parse_autonomous(r#"{"host":"tool"}"#).unwrap().0,
+            vec![serde_json::json!({"host": "tool"})]
+        );
+        assert_eq!(parse_autonomous("[]").unwrap().0, Vec::<Value>::new());
+        assert!(
+            parse_autonomous(r#""tool""#)
+                .unwrap_err()
+                .contains("scope object")
+        );
+        assert!(parse_autonomous("{oops").unwrap_err().contains("not JSON"));
+    }
+
     fn args(extra: &[&str]) -> RegisterArgs {
         use clap::Parser;
         #[derive(Parser)]
@@ -487,6 +537,10 @@ mod tests {
             "d",
             "--ceiling",
             r#"[{"tool":"search"}]"#,
+            "--autonomous",
+            r#"{"tool":"search"}"#,
+            "--autonomous",
+            r#"[{"tool":"read_*"},{"host":"api"}]"#,
             "--label",
             "team=r",
             "--label",
@@ -496,7 +550,9 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&body).unwrap(),
             serde_json::json!({"name": "research", "owner": "alice", "description": "d",
-                "ceiling": [{"tool": "search"}], "labels": {"env": "prod", "team": "r"}})
+                "ceiling": [{"tool": "search"}],
+                "autonomous": [{"tool": "search"}, {"tool": "read_*"}, {"host": "api"}],
+                "labels": {"env": "prod", "team": "r"}})
         );
         let err =
             RegisterRequest::from_args(&args(&["--label", "a=1", "--label", "a=2"])).unwrap_err();
@@ -535,6 +591,10 @@ mod tests {
         );
         assert!(
             kv.contains("\nceiling:     [{\"host\":\"tool\"}]\n"),
+            "{kv}"
+        );
+        assert!(
+            kv.contains("\nautonomous:  [{\"host\":\"tool\",\"tool\":\"search\"}]\n"),
             "{kv}"
         );
         assert!(kv.contains("\nlabels:      team=r\n"), "{kv}");

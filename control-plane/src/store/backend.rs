@@ -99,6 +99,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/0001_schema.sql"),
     ),
     (
+        2,
+        "autonomous",
+        include_str!("../../migrations/0002_autonomous.sql"),
+    ),
+    (
         3,
         "delegation",
         include_str!("../../migrations/0003_delegation.sql"),

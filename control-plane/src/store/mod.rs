@@ -173,6 +173,9 @@ pub struct NewWorkload {
     pub description: String,
     /// The most it may ever do: scope objects.
     pub ceiling: Vec<serde_json::Value>,
+    /// What it may do on its own, with no delegation: scope objects (policy intersects them
+    /// with the ceiling).
+    pub autonomous: Vec<serde_json::Value>,
     /// Free-form labels.
     pub labels: BTreeMap<String, String>,
 }
@@ -192,6 +195,9 @@ pub struct Workload {
     pub description: String,
     /// The most it may ever do: scope objects.
     pub ceiling: Vec<serde_json::Value>,
+    /// What it may do on its own, with no delegation: scope objects (policy intersects them
+    /// with the ceiling).
+    pub autonomous: Vec<serde_json::Value>,
     /// Free-form labels.
     pub labels: BTreeMap<String, String>,
     /// Active, suspended or revoked.
@@ -211,6 +217,7 @@ impl Workload {
             owner: self.owner.clone(),
             description: self.description.clone(),
             ceiling: self.ceiling.clone(),
+            autonomous: self.autonomous.clone(),
             labels: self.labels.clone(),
         }
     }
@@ -459,6 +466,7 @@ mod tests {
             owner: String::new(),
             description: String::new(),
             ceiling: Vec::new(),
+            autonomous: Vec::new(),
             labels: BTreeMap::new(),
         }));
         send(store.workload(WorkloadKind::Agent, ""));

@@ -13,11 +13,13 @@ use super::{
 /// The columns [`WorkloadRow`] decodes, in its order.
 macro_rules! workload_columns {
     () => {
-        "name, kind, spiffe_id, owner, description, ceiling, labels, status, created_at, updated_at"
+        "name, kind, spiffe_id, owner, description, ceiling, autonomous, labels, status, created_at, \
+         updated_at"
     };
 }
 
 type WorkloadRow = (
+    String,
     String,
     String,
     String,
@@ -41,6 +43,7 @@ fn workload_from_row(row: WorkloadRow) -> Result<Workload, StoreError> {
         owner,
         description,
         ceiling,
+        autonomous,
         labels,
         status,
         created_at,
@@ -53,6 +56,8 @@ fn workload_from_row(row: WorkloadRow) -> Result<Workload, StoreError> {
     let status = WorkloadStatus::parse(&status)
         .ok_or_else(|| corrupt("status", format!("unknown {status:?}")))?;
     let ceiling = serde_json::from_str(&ceiling).map_err(|e| corrupt("ceiling", e.to_string()))?;
+    let autonomous =
+        serde_json::from_str(&autonomous).map_err(|e| corrupt("autonomous", e.to_string()))?;
     let labels = serde_json::from_str(&labels).map_err(|e| corrupt("labels", e.to_string()))?;
     Ok(Workload {
         name,
@@ -61,6 +66,7 @@ fn workload_from_row(row: WorkloadRow) -> Result<Workload, StoreError> {
         owner,
         description,
         ceiling,
+        autonomous,
         labels,
         status,
         created_at,
@@ -123,6 +129,8 @@ impl Store {
             why: e.to_string(),
         };
         let ceiling = serde_json::to_string(&w.ceiling).map_err(|e| invalid("ceiling", e))?;
+        let autonomous =
+            serde_json::to_string(&w.autonomous).map_err(|e| invalid("autonomous", e))?;
         let labels = serde_json::to_string(&w.labels).map_err(|e| invalid("labels", e))?;
         let now = now_rfc3339();
         let status = WorkloadStatus::Active;
@@ -132,7 +140,7 @@ impl Store {
             // abort the transaction before we could look up which name was taken.
             let inserted = sqlx::query(concat!(
                 "INSERT INTO workloads (", workload_columns!(), ") ",
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) ON CONFLICT DO NOTHING"
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) ON CONFLICT DO NOTHING"
             ))
             .bind(&w.name)
             .bind(w.kind.as_str())
@@ -140,6 +148,7 @@ impl Store {
             .bind(&w.owner)
             .bind(&w.description)
             .bind(&ceiling)
+            .bind(&autonomous)
             .bind(&labels)
             .bind(status.as_str())
             .bind(&now)
@@ -176,6 +185,7 @@ impl Store {
             owner: w.owner.clone(),
             description: w.description.clone(),
             ceiling: w.ceiling.clone(),
+            autonomous: w.autonomous.clone(),
             labels: w.labels.clone(),
             status,
             created_at: now.clone(),
@@ -304,18 +314,31 @@ impl Store {
             Option<String>,
             Option<String>,
             Option<String>,
+            Option<String>,
         );
         let rows: Vec<Row> = on_pool!(self, pool => {
             sqlx::query_as(
                 "SELECT s.registry_revision, w.kind, w.name, w.spiffe_id, w.status, w.owner, \
-                 w.description, w.ceiling, w.labels \
+                 w.description, w.ceiling, w.autonomous, w.labels \
                  FROM state s LEFT JOIN workloads w ON 1 = 1 WHERE s.id = 1",
             )
             .fetch_all(pool)
             .await?
         });
         let mut registry = Registry::default();
-        for (revision, kind, name, spiffe_id, status, owner, description, ceiling, labels) in rows {
+        for (
+            revision,
+            kind,
+            name,
+            spiffe_id,
+            status,
+            owner,
+            description,
+            ceiling,
+            autonomous,
+            labels,
+        ) in rows
+        {
             registry.revision = u64::try_from(revision)
                 .map_err(|_| StoreError::Corrupt(format!("registry revision {revision}")))?;
             let (
@@ -326,6 +349,7 @@ impl Store {
                 Some(owner),
                 Some(description),
                 Some(ceiling),
+                Some(autonomous),
                 Some(labels),
             ) = (
                 kind,
@@ -335,6 +359,7 @@ impl Store {
                 owner,
                 description,
                 ceiling,
+                autonomous,
                 labels,
             )
             else {
@@ -352,6 +377,8 @@ impl Store {
                 description,
                 ceiling: serde_json::from_str(&ceiling)
                     .map_err(|e| corrupt("ceiling", e.to_string()))?,
+                autonomous: serde_json::from_str(&autonomous)
+                    .map_err(|e| corrupt("autonomous", e.to_string()))?,
                 labels: serde_json::from_str::<BTreeMap<String, String>>(&labels)
                     .map_err(|e| corrupt("labels", e.to_string()))?,
             };
