@@ -33,6 +33,9 @@ enum Command {
     /// Certificate authorities: a file-based one for standalone sidecars, or import one into the control plane.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Grants: a person's consent for an agent to act on their behalf (create, list, show,
+    /// revoke, close-task), and `grant token` for an agent holding its own SVID files.
+    Grant(cli::grant::GrantArgs),
     /// Run a self-contained demo: a tool and an agent, each behind a sidecar, talking over mTLS.
     Demo(demo::DemoArgs),
     /// Work with Rego policies: push bundles to the control plane, list, roll back, test locally.
@@ -142,6 +145,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Service(args) => cli::workload::main(cli::workload::Kind::Service, args),
         Command::Audit(args) => cli::audit::main(args),
         Command::Approve(args) => cli::approve::main(args),
+        Command::Grant(args) => cli::grant::main(args),
     }
 }
 

@@ -125,6 +125,9 @@ pub enum ClientError {
     /// The CA certificate file is unreadable or unusable.
     #[error("--ca-cert: {0}")]
     BadCa(String),
+    /// The client certificate or key (`--cert`, `--key`) is unreadable or unusable.
+    #[error("{0}")]
+    Identity(String),
     /// No admin token anywhere.
     #[error(
         "no admin token: set {ADMIN_TOKEN_ENV} or pass --admin-token-file FILE (`mandate serve` writes one to <data-dir>/admin-token)"
@@ -411,7 +414,8 @@ pub fn segment(s: &str) -> String {
 pub struct Client {
     endpoint: Endpoint,
     tls: Option<(TlsConnector, PathBuf)>,
-    token: AdminToken,
+    /// The admin token; none for a client authenticating with a workload's certificate.
+    token: Option<AdminToken>,
 }
 
 impl fmt::Debug for Client {
@@ -461,7 +465,55 @@ impl Client {
         Ok(Self {
             endpoint,
             tls,
-            token,
+            token: Some(token),
+        })
+    }
+
+    /// A client for the sidecar endpoints of `server` (https only), presenting the workload
+    /// certificate chain in `cert` and its key in `key` (PEM files, e.g. an agent's SVID), and
+    /// no admin token.
+    pub fn with_identity(
+        server: &str,
+        ca_cert: Option<&Path>,
+        cert: &Path,
+        key: &Path,
+    ) -> Result<Self, ClientError> {
+        use rustls_pki_types::pem::PemObject as _;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let endpoint = Endpoint::parse(server)?;
+        if !endpoint.https {
+            return Err(ClientError::BadUrl {
+                url: endpoint.url(),
+                why: "a client certificate needs https".to_owned(),
+            });
+        }
+        let path = ca_cert.ok_or_else(|| ClientError::NoCaCert {
+            url: endpoint.url(),
+        })?;
+        let pem = std::fs::read(path).map_err(|e| {
+            ClientError::BadCa(format!(
+                "cannot read {}: {e}; it should be the control plane's <data-dir>/ca.pem",
+                path.display()
+            ))
+        })?;
+        let bundle = CaBundle::from_pem(&pem, path).map_err(ClientError::BadCa)?;
+        let certs = CertificateDer::pem_file_iter(cert)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| ClientError::Identity(format!("--cert {}: {e}", cert.display())))?;
+        if certs.is_empty() {
+            return Err(ClientError::Identity(format!(
+                "--cert {}: no certificate in the file",
+                cert.display()
+            )));
+        }
+        let key = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| ClientError::Identity(format!("--key {}: {e}", key.display())))?;
+        let config = tls::client_config_with_identity(&bundle, certs, key)
+            .map_err(|e| ClientError::Identity(format!("the certificate and key: {e}")))?;
+        Ok(Self {
+            endpoint,
+            tls: Some((TlsConnector::from(Arc::new(config)), path.to_owned())),
+            token: None,
         })
     }
 
@@ -476,8 +528,10 @@ impl Client {
         let mut builder = Request::builder()
             .method(req.method.clone())
             .uri(uri)
-            .header(ACCEPT, "application/json")
-            .header(AUTHORIZATION, self.token.header());
+            .header(ACCEPT, "application/json");
+        if let Some(token) = &self.token {
+            builder = builder.header(AUTHORIZATION, token.header());
+        }
         if req.body.is_some() {
             builder = builder.header(CONTENT_TYPE, "application/json");
         }

@@ -1,4 +1,4 @@
-//! The operator's CLI against the control plane API: `mandate agent|service|policy|audit|approve …`.
+//! The operator's CLI against the control plane API: `mandate agent|service|policy|audit|approve|grant …`.
 //!
 //! Each command group flattens [`client::ServerArgs`] (`--server`, `--ca-cert`,
 //! `--admin-token-file`), builds one [`client::Client`] and runs its verb on a single-threaded
@@ -8,6 +8,7 @@ pub mod approve;
 pub mod audit;
 pub mod ca_import;
 pub mod client;
+pub mod grant;
 pub mod policy;
 pub mod table;
 pub mod tls;

@@ -118,6 +118,22 @@ pub fn client_config(ca: &CaBundle) -> Result<ClientConfig, rustls::Error> {
     Ok(config)
 }
 
+/// Like [`client_config`], presenting `certs` (leaf first) and `key` as the client certificate:
+/// an agent's SVID, for the sidecar endpoints.
+pub fn client_config_with_identity(
+    ca: &CaBundle,
+    certs: Vec<CertificateDer<'static>>,
+    key: rustls_pki_types::PrivateKeyDer<'static>,
+) -> Result<ClientConfig, rustls::Error> {
+    let mut config = ClientConfig::builder_with_provider(PROVIDER.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous() // SPIFFE: the server is identified by its URI SAN, not a DNS name.
+        .with_custom_certificate_verifier(Arc::new(ca.verifier()))
+        .with_client_auth_cert(certs, key)?;
+    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
 /// Explains a failed TLS handshake in terms of what the operator can change.
 pub fn describe_handshake_error(err: &io::Error, ca_path: &Path) -> String {
     let Some(tls) = err
