@@ -545,6 +545,13 @@ impl Delegation {
         req: ExchangeRequest,
     ) -> Result<IssuedToken, HttpError> {
         let claims = self.verify_subject_token(caller, &req.subject_token)?;
+        // Within the verification leeway, but past its own expiry: nothing left to exchange.
+        if claims.exp <= now_ms().div_euclid(1000) {
+            return Err(HttpError::forbidden(format!(
+                "subject token invalid: expired: {}",
+                DelegationError::Expired { exp: claims.exp }
+            )));
+        }
         self.require_active_agent(caller).await?;
         let chain = claims.act.chain();
         if chain.iter().any(|actor| actor == caller.as_str()) {
