@@ -66,7 +66,8 @@ mod tests {
         };
         assert_eq!(reg.name, "research");
         assert_eq!(reg.owner, "alice@example.com");
-        assert_eq!(reg.ceiling.unwrap().0.len(), 1);
+        assert_eq!(reg.ceiling.len(), 1);
+        assert_eq!(reg.ceiling[0].0.len(), 1);
         assert_eq!(
             reg.labels[1],
             Label {
@@ -142,10 +143,18 @@ mod tests {
         assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
         let err = parse(&["agent", "register", "a"]).unwrap_err();
         assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
-        let err = parse(&["agent", "register", "a", "--owner", "o", "--ceiling", "{}"])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("JSON array"), "{err}");
+        let err = parse(&[
+            "agent",
+            "register",
+            "a",
+            "--owner",
+            "o",
+            "--ceiling",
+            "\"tool\"",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("JSON scope object"), "{err}");
     }
 
     #[test]

@@ -102,25 +102,26 @@ pub struct RegisterArgs {
     /// What it is for.
     #[arg(long, value_name = "TEXT")]
     pub description: Option<String>,
-    /// The most it may ever do: a JSON array of scopes, e.g. '[{"host":"tool","tool":"search"}]'.
-    #[arg(long, value_name = "JSON", value_parser = parse_ceiling, conflicts_with = "ceiling_file")]
-    pub ceiling: Option<Ceiling>,
-    /// Read the ceiling (a JSON array of scopes) from FILE.
+    /// The most it may ever do: a JSON scope object, e.g. '{"host":"tool","tool":"search"}', or an
+    /// array of them (repeatable: the scopes add up).
+    #[arg(long, value_name = "JSON", value_parser = parse_scopes, conflicts_with = "ceiling_file")]
+    pub ceiling: Vec<Scopes>,
+    /// Read the ceiling (a JSON array of scopes, or one scope object) from FILE.
     #[arg(long, value_name = "FILE")]
     pub ceiling_file: Option<PathBuf>,
     /// What it may do on its own, with no delegation from a person: a JSON scope object or array
-    /// of scopes, e.g. '{"host":"tool","tool":"search"}' (repeatable; policy intersects them with
-    /// the ceiling). Without any, it acts only when delegated.
-    #[arg(long, value_name = "JSON", value_parser = parse_autonomous)]
-    pub autonomous: Vec<Ceiling>,
+    /// of scopes (repeatable; policy intersects them with the ceiling). Without any, it acts only
+    /// when delegated.
+    #[arg(long, value_name = "JSON", value_parser = parse_scopes)]
+    pub autonomous: Vec<Scopes>,
     /// A label (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<Label>,
 }
 
-/// A ceiling: the JSON array of scope objects given with `--ceiling`.
+/// The scope objects one `--ceiling` or `--autonomous` gives.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Ceiling(pub Vec<Value>);
+pub struct Scopes(pub Vec<Value>);
 
 /// One `--label KEY=VALUE`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,27 +132,17 @@ pub struct Label {
     pub value: String,
 }
 
-/// Parses `--ceiling`: a JSON array (the server checks each scope).
-pub fn parse_ceiling(s: &str) -> Result<Ceiling, String> {
-    let value: Value = serde_json::from_str(s).map_err(|e| {
-        format!("not JSON ({e}); expected an array such as '[{{\"host\":\"tool\"}}]'")
-    })?;
-    match value {
-        Value::Array(scopes) => Ok(Ceiling(scopes)),
-        _ => Err("must be a JSON array of scopes, such as '[{\"host\":\"tool\"}]'".to_owned()),
-    }
-}
-
-/// Parses one `--autonomous`: a JSON scope object, or an array of them (the server checks each).
-pub fn parse_autonomous(s: &str) -> Result<Ceiling, String> {
+/// Parses one `--ceiling` or `--autonomous`: a JSON scope object, or an array of them (the server
+/// checks each scope).
+pub fn parse_scopes(s: &str) -> Result<Scopes, String> {
     let value: Value = serde_json::from_str(s).map_err(|e| {
         format!(
             "not JSON ({e}); expected a scope such as '{{\"host\":\"tool\",\"tool\":\"search\"}}'"
         )
     })?;
     match value {
-        Value::Array(scopes) => Ok(Ceiling(scopes)),
-        scope @ Value::Object(_) => Ok(Ceiling(vec![scope])),
+        Value::Array(scopes) => Ok(Scopes(scopes)),
+        scope @ Value::Object(_) => Ok(Scopes(vec![scope])),
         _ => Err(
             "must be a JSON scope object such as '{\"host\":\"tool\"}', or an array of them"
                 .to_owned(),
@@ -203,16 +194,16 @@ pub struct RegisterRequest {
 impl RegisterRequest {
     /// Builds the body from the arguments, reading `--ceiling-file` and refusing repeated label keys.
     pub fn from_args(args: &RegisterArgs) -> anyhow::Result<Self> {
-        let ceiling = match (&args.ceiling, &args.ceiling_file) {
-            (Some(c), _) => Some(c.0.clone()),
-            (None, Some(path)) => {
+        let ceiling = match (args.ceiling.is_empty(), &args.ceiling_file) {
+            (false, _) => Some(concat(&args.ceiling)),
+            (true, Some(path)) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read --ceiling-file {}", path.display()))?;
-                let c = parse_ceiling(&text)
+                let c = parse_scopes(&text)
                     .map_err(|e| anyhow::anyhow!("--ceiling-file {}: {e}", path.display()))?;
                 Some(c.0)
             }
-            (None, None) => None,
+            (true, None) => None,
         };
         let mut labels = BTreeMap::new();
         for l in &args.labels {
@@ -225,14 +216,15 @@ impl RegisterRequest {
             owner: args.owner.clone(),
             description: args.description.clone(),
             ceiling,
-            autonomous: args
-                .autonomous
-                .iter()
-                .flat_map(|a| a.0.iter().cloned())
-                .collect(),
+            autonomous: concat(&args.autonomous),
             labels,
         })
     }
+}
+
+/// The scopes of every occurrence of a repeated option, in order.
+fn concat(given: &[Scopes]) -> Vec<Value> {
+    given.iter().flat_map(|s| s.0.iter().cloned()).collect()
 }
 
 /// A registered agent or service, as the API returns it.
@@ -485,32 +477,18 @@ mod tests {
     }
 
     #[test]
-    fn the_ceiling_must_be_a_json_array() {
+    fn scopes_are_a_json_object_or_an_array_of_them() {
         assert_eq!(
-            parse_ceiling(r#"[{"host":"tool"}]"#).unwrap().0,
+            parse_scopes(r#"{"host":"tool"}"#).unwrap().0,
             vec![serde_json::json!({"host": "tool"})]
         );
+        assert_eq!(parse_scopes("[]").unwrap().0, Vec::<Value>::new());
         assert!(
-            parse_ceiling(r#"{"host":"tool"}"#)
-                .unwrap_err()
-                .contains("array")
-        );
-        assert!(parse_ceiling("[oops").unwrap_err().contains("not JSON"));
-    }
-
-    #[test]
-    fn an_autonomous_scope_is_an_object_or_an_array() {
-        assert_eq!(
-            parse_autonomous(r#"{"host":"tool"}"#).unwrap().0,
-            vec![serde_json::json!({"host": "tool"})]
-        );
-        assert_eq!(parse_autonomous("[]").unwrap().0, Vec::<Value>::new());
-        assert!(
-            parse_autonomous(r#""tool""#)
+            parse_scopes(r#""tool""#)
                 .unwrap_err()
                 .contains("scope object")
         );
-        assert!(parse_autonomous("{oops").unwrap_err().contains("not JSON"));
+        assert!(parse_scopes("{oops").unwrap_err().contains("not JSON"));
     }
 
     fn args(extra: &[&str]) -> RegisterArgs {
@@ -537,6 +515,8 @@ mod tests {
             "d",
             "--ceiling",
             r#"[{"tool":"search"}]"#,
+            "--ceiling",
+            r#"{"tool":"read_*"}"#,
             "--autonomous",
             r#"{"tool":"search"}"#,
             "--autonomous",
@@ -550,7 +530,7 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&body).unwrap(),
             serde_json::json!({"name": "research", "owner": "alice", "description": "d",
-                "ceiling": [{"tool": "search"}],
+                "ceiling": [{"tool": "search"}, {"tool": "read_*"}],
                 "autonomous": [{"tool": "search"}, {"tool": "read_*"}, {"host": "api"}],
                 "labels": {"env": "prod", "team": "r"}})
         );
