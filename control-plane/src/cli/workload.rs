@@ -550,10 +550,13 @@ mod tests {
             body.ceiling,
             Some(vec![serde_json::json!({"host": "api", "method": "GET"})])
         );
-        std::fs::write(&file, "{}").unwrap();
+        std::fs::write(&file, "5").unwrap();
         let err = RegisterRequest::from_args(&args(&["--ceiling-file", file.to_str().unwrap()]))
             .unwrap_err();
-        assert!(err.to_string().contains("must be a JSON array"), "{err}");
+        assert!(
+            err.to_string().contains("must be a JSON scope object"),
+            "{err}"
+        );
     }
 
     #[test]
