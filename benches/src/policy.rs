@@ -31,16 +31,15 @@ fn agent_name(i: usize) -> String {
     format!("agent-{i:05}")
 }
 
-/// The ceiling every filler agent has.
+/// The scopes every filler agent has, as its ceiling and as its autonomous scopes (so its calls
+/// need no delegation).
 fn filler_entry() -> serde_json::Value {
-    json!({
-        "status": "active",
-        "ceiling": [
-            {"host": "tool", "tool": "search"},
-            {"host": "tool", "tool": "read_*"},
-            {"host": "api", "method": "GET", "path": "/v1/*"}
-        ]
-    })
+    let scopes = json!([
+        {"host": "tool", "tool": "search"},
+        {"host": "tool", "tool": "read_*"},
+        {"host": "api", "method": "GET", "path": "/v1/*"}
+    ]);
+    json!({"status": "active", "ceiling": scopes, "autonomous": scopes})
 }
 
 /// `{"registry": {"agents": {...10,000 fillers, plus `extra`}, "services": {}}}`.
@@ -312,11 +311,13 @@ fn measure(
     })
 }
 
-/// Writes the policy pair's data document: the fillers plus `agent` with `ceiling`.
+/// Writes the policy pair's data document: the fillers plus `agent` with `ceiling`, all of it
+/// autonomous (the load carries no delegation).
 pub fn write_pair_data(path: &Path, agent: &str, ceiling: serde_json::Value) -> anyhow::Result<()> {
     let data = registry_data(Some((
         agent,
-        json!({"status": "active", "owner": "bench@example.com", "ceiling": ceiling}),
+        json!({"status": "active", "owner": "bench@example.com", "ceiling": ceiling,
+               "autonomous": ceiling}),
     )));
     std::fs::write(path, serde_json::to_vec(&data)?)
         .with_context(|| format!("writing {}", path.display()))

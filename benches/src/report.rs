@@ -663,8 +663,8 @@ pub fn markdown(r: &Report) -> String {
          `--route tool:8080=<B inbound>,id=spiffe://mandate.local/service/tool`, `MANDATE_LOG=warn`.\n\
          - **mandate-proxy pair + policy**: the same pair, but both sidecars decide every call with \
          the reference policy (`--policy policies/reference --data <tmp>/policy-data/data.json`, whose \
-         registry holds the agent `bench` with ceiling `[{{\"host\": \"tool\", \"method\": \"GET\", \
-         \"path\": \"/\"}}]` plus 10,000 filler agents) and log every decision \
+         registry holds the agent `bench` with ceiling and autonomous scopes `[{{\"host\": \"tool\", \
+         \"method\": \"GET\", \"path\": \"/\"}}]` plus 10,000 filler agents) and log every decision \
          (`--decision-log <tmp>/decisions-<sidecar>.jsonl`); engine `auto` (the register VM). A decides \
          outbound, B inbound; every decision must be an allow (checked in the logs, see *Policy \
          evaluation*).\n\
@@ -965,8 +965,9 @@ fn policy_section(r: &Report) -> String {
             let _ = writeln!(
                 s,
                 "- Data: `data.registry.agents` holds {} agents, each `{{\"status\": \"active\", \
-                 \"ceiling\": [{{\"host\": \"tool\", \"tool\": \"search\"}}, {{\"host\": \"tool\", \
-                 \"tool\": \"read_*\"}}, {{\"host\": \"api\", \"method\": \"GET\", \"path\": \"/v1/*\"}}]}}`.",
+                 \"ceiling\": S, \"autonomous\": S}}` with S = `[{{\"host\": \"tool\", \"tool\": \"search\"}}, \
+                 {{\"host\": \"tool\", \"tool\": \"read_*\"}}, {{\"host\": \"api\", \"method\": \"GET\", \
+                 \"path\": \"/v1/*\"}}]` (no delegation: the calls are the agent's own).",
                 thousands(policy::REGISTRY_AGENTS)
             );
             let _ = writeln!(

@@ -32,6 +32,8 @@ const TOOL: &str = "tool";
 /// What the agent may ever do: the tool's `search`, and reads of its REST API.
 const CEILING: &str =
     r#"[{"host": "tool", "tool": "search"}, {"host": "tool", "method": "GET", "path": "/v1/*"}]"#;
+/// What the agent may do on its own, with no person's delegation: here, all of its ceiling.
+const AUTONOMOUS: &str = CEILING;
 /// How long each process gets to report ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long decision logs, the audit log and counters get to catch up with the responses received.
@@ -334,6 +336,8 @@ async fn steps(
             "Research assistant: searches and reads, never writes",
             "--ceiling",
             CEILING,
+            "--autonomous",
+            AUTONOMOUS,
         ],
     )
     .await?;

@@ -249,7 +249,8 @@ impl ControlPlane {
         Ok(out.stdout)
     }
 
-    /// `mandate agent register NAME --owner … --ceiling JSON`; returns the one-time join token.
+    /// `mandate agent register NAME --owner … --ceiling JSON --autonomous JSON`: the whole ceiling
+    /// autonomous, so the agent acts without a delegation; returns the one-time join token.
     pub async fn register_agent(&self, name: &str, ceiling: &str) -> anyhow::Result<String> {
         let out = self
             .cli_ok(&[
@@ -259,6 +260,8 @@ impl ControlPlane {
                 "--owner",
                 "alice@example.com",
                 "--ceiling",
+                ceiling,
+                "--autonomous",
                 ceiling,
             ])
             .await?;

@@ -24,8 +24,15 @@ pub fn reference_policy() -> PathBuf {
 
 /// A data document whose registry holds one active agent `name` with these ceiling scopes (the
 /// reference policy's model: objects of glob patterns over host, port, protocol, method, path, mcp,
-/// tool, resource, prompt).
+/// tool, resource, prompt), every one of them autonomous too: the agent may use its whole ceiling
+/// without a delegation.
 pub fn registry(name: &str, ceiling: Value) -> Value {
+    registry_with(name, ceiling.clone(), ceiling)
+}
+
+/// As [`registry`], with the agent's `autonomous` scopes (what it may do with no delegation)
+/// given apart from its ceiling.
+pub fn registry_with(name: &str, ceiling: Value, autonomous: Value) -> Value {
     json!({
         "registry": {
             "agents": {
@@ -34,6 +41,7 @@ pub fn registry(name: &str, ceiling: Value) -> Value {
                     "owner": "alice@example.com",
                     "labels": {"team": "e2e"},
                     "ceiling": ceiling,
+                    "autonomous": autonomous,
                 }
             },
             "services": {}

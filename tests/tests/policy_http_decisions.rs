@@ -6,7 +6,7 @@ use std::time::Duration;
 use mandate_e2e::apps::App;
 use mandate_e2e::client::{Http1, full, proxy_get, proxy_request};
 use mandate_e2e::policy::{
-    Denial, is_policy_version, is_uuid_v7, reference_policy, registry, rego,
+    Denial, is_policy_version, is_uuid_v7, reference_policy, registry, registry_with, rego,
 };
 use mandate_e2e::{TestEnv, ensure_eq};
 use serde_json::json;
@@ -137,6 +137,49 @@ async fn get_within_the_ceiling_is_forwarded_and_post_is_refused_with_403_json_n
             1,
             "only the allowed call reaches the tool's sidecar: {tool_records:?}"
         );
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_with_a_ceiling_but_no_autonomous_scopes_may_not_act_without_a_delegation() {
+    let env = TestEnv::new("http_no_autonomy");
+    env.run(LIMIT, async {
+        let app = App::start().await?;
+        let data = env.data_file(
+            "registry",
+            &registry_with(
+                "research",
+                json!([{"host": "api", "method": "GET", "path": "/v1/*"}]),
+                json!([]),
+            ),
+        )?;
+        let (agent, tool) = env
+            .policy_pair(
+                app.addr(),
+                "api:8080",
+                "research",
+                "api",
+                &reference_policy(),
+                Some(&data),
+            )
+            .await?;
+
+        // Within the ceiling, but nobody delegated it and it may do nothing on its own.
+        let resp = proxy_get(agent.outbound(), "http://api:8080/v1/items", &[]).await?;
+        let denial = Denial::parse(&resp)?;
+        ensure_eq!(
+            denial.reason,
+            "research may not GET /v1/items on api on its own: no delegation, and outside its autonomous scopes",
+            "the denial's reason"
+        );
+        ensure_eq!(app.request_count(), 0, "the call never reaches the app");
+        let record = agent.decision(&denial.decision_id).await?;
+        ensure_eq!(record["allow"], false, "{record}");
+        ensure_eq!(record["reason"], denial.reason.as_str(), "{record}");
+        anyhow::ensure!(record["delegation"].is_null(), "no delegation: {record}");
+        ensure_eq!(tool.decisions()?.len(), 0, "the tool's sidecar never saw it");
         Ok(())
     })
     .await;
