@@ -235,6 +235,51 @@ async fn registration_validates_and_names_the_field() {
 }
 
 #[tokio::test]
+async fn autonomous_scopes_are_checked_like_the_ceiling_stored_and_shown() {
+    let f = fixture().await;
+    let (status, body) = f
+        .call(
+            "POST",
+            "/v1/agents",
+            As::Admin,
+            Some(
+                json!({"name": "r", "owner": "a", "ceiling": [{"host": "tool"}],
+                        "autonomous": [{"host": "tool"}, {"port": 70000}]}),
+            ),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), body["field"].as_str()),
+        (400, Some("autonomous[1].port"))
+    );
+    let scopes = json!([{"host": "tool", "tool": "search"}]);
+    let (status, body) = f
+        .call(
+            "POST",
+            "/v1/agents",
+            As::Admin,
+            Some(
+                json!({"name": "r", "owner": "a", "ceiling": [{"host": "tool"}],
+                        "autonomous": scopes}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["workload"]["autonomous"], scopes);
+    let (_, body) = f.call("GET", "/v1/agents/r", As::Admin, None).await;
+    assert_eq!(body["autonomous"], scopes);
+    f.register("plain").await;
+    let (_, body) = f.call("GET", "/v1/agents", As::Admin, None).await;
+    let autonomous: Vec<&Value> = body["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| &w["autonomous"])
+        .collect();
+    assert_eq!(autonomous, [&json!([]), &scopes], "plain, then r");
+}
+
+#[tokio::test]
 async fn enrolment_redeems_a_token_once_for_its_own_identity() {
     let f = fixture().await;
     let token = f.register("research").await;
