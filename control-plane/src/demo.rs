@@ -2,10 +2,13 @@
 //! serve` with embedded SQLite), registers an agent and a tool with the operator CLI, starts a
 //! sample tool (an MCP server with a small REST API) behind one `mandate-proxy` sidecar and an
 //! agent's sidecar in front of it — both enrolling by join token — pushes the reference policy,
-//! makes the calls an agent would, shows what the sidecars decided and what the control plane's
-//! audit log holds, revokes the agent, checks each outcome, and cleans everything up.
+//! makes the calls an agent would on its own, then has alice grant it less than its ceiling and
+//! makes calls for her with the delegation token its sidecar fetches — one of them held until bob
+//! approves it with `mandate approve` — shows what the sidecars decided and what the control
+//! plane's audit log holds, revokes the agent, checks each outcome, and cleans everything up.
 
 mod client;
+mod delegation;
 mod operator;
 mod process;
 mod sample_tool;
@@ -41,7 +44,7 @@ const SETTLE: Duration = Duration::from_secs(5);
 /// How soon a revocation must reach the agent's sidecar.
 const REVOCATION: Duration = Duration::from_secs(1);
 /// Number of numbered steps in the transcript.
-const STEPS: usize = 15;
+const STEPS: usize = 23;
 /// How many of a process's last log lines are printed when something went wrong.
 const LOG_TAIL: usize = 60;
 /// The reference policy, as a directory under the repository's `policies/`.
@@ -151,6 +154,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, DemoError> {
         "Mandate demo: an agent calls a tool; each sits behind its own mandate-proxy sidecar,"
     );
     println!("and a control plane gives both their identities and the policy they enforce.");
+    println!("The agent acts on its own first, then for alice, within what she grants it.");
 
     let mut transcript = Transcript::default();
     let mut processes = Vec::new();
@@ -452,6 +456,16 @@ async fn steps(
     rest_read(t, &mut world, &tool).await;
     rest_write(t, &mut world, &tool).await;
     unrouted_call(t, &world, &tool).await;
+
+    let mut delegation = delegation::Delegation::default();
+    delegation::grant(t, &cp, &mut delegation).await?;
+    delegation::token(t, &world, &mut delegation).await;
+    delegation::delegated_call(t, &mut world, &delegation, &tool).await;
+    delegation::outside_grant(t, &mut world, &delegation, &tool).await;
+    delegation::tampered(t, &mut world, &delegation, &tool).await;
+    delegation::approval(t, &mut world, &delegation, &tool, &cp).await;
+    delegation::audit_approver(t, &world, &delegation, &cp).await;
+
     decision_logs(t, &world).await;
     audit_log(t, &world, &cp).await;
     metrics(t, &world).await;
@@ -787,9 +801,11 @@ async fn unrouted_call(t: &mut Transcript, w: &World, tool: &SampleTool) {
 async fn decision_logs(t: &mut Transcript, w: &World) {
     t.step("What the sidecars decided (their --decision-log files, one JSON line per decision)");
     // Decisions are written by a background thread within milliseconds; wait for them to appear.
-    // Four calls decided by policy, and the unrouted call refused by routing.
-    let want_agent = 5;
-    let want_tool = 2;
+    // Four calls the agent made on its own decided by policy, the unrouted call refused by routing,
+    // and six made for alice (one refused before policy, for its tampered token).
+    let want_agent = 11;
+    // The agent's sidecar let four through: search, the REST read, and two calls for alice.
+    let want_tool = 4;
     let deadline = Instant::now() + SETTLE;
     let (agent, tool) = loop {
         let agent = read_decisions(&w.agent_log);
@@ -806,7 +822,8 @@ async fn decision_logs(t: &mut Transcript, w: &World) {
         .flatten()
         .map(|d| d["reason"].as_str().unwrap_or("").chars().count())
         .max()
-        .unwrap_or(0);
+        .unwrap_or(0)
+        .min(REASON_WIDTH);
     for (name, log, path) in [
         ("agent", &agent, &w.agent_log),
         ("tool", &tool, &w.tool_log),
@@ -864,6 +881,17 @@ async fn decision_logs(t: &mut Transcript, w: &World) {
             format!(
                 "the tool's sidecar decided tools/call search for {} itself",
                 w.agent_id
+            ),
+        );
+        let for_alice = tool
+            .iter()
+            .filter(|d| d["delegation"]["subject"] == delegation::ALICE)
+            .count();
+        t.check(
+            for_alice == 2,
+            format!(
+                "it recorded alice's two calls as made on behalf of {} (found {for_alice})",
+                delegation::ALICE
             ),
         );
     }
@@ -986,7 +1014,11 @@ fn read_decisions(path: &Path) -> Result<Vec<Value>, String> {
         .collect()
 }
 
-/// One decision record on one line: direction, verdict, reason, decision id.
+/// The widest reason a decision line shows in full; longer ones are cut short with "…".
+const REASON_WIDTH: usize = 100;
+
+/// One decision record on one line: direction, verdict, reason (at most [`REASON_WIDTH`]
+/// characters), decision id.
 fn decision_line(d: &Value, reason_width: usize) -> String {
     let verdict = match d["allow"].as_bool() {
         Some(true) => "allow",
@@ -998,10 +1030,16 @@ fn decision_line(d: &Value, reason_width: usize) -> String {
     } else {
         ""
     };
+    let reason = d["reason"].as_str().unwrap_or("?");
+    let reason = if reason.chars().count() > REASON_WIDTH {
+        let cut: String = reason.chars().take(REASON_WIDTH - 1).collect();
+        format!("{cut}…")
+    } else {
+        reason.to_owned()
+    };
     format!(
-        "{:<8} {verdict:<5} {:<reason_width$}  {}{dry_run}",
+        "{:<8} {verdict:<5} {reason:<reason_width$}  {}{dry_run}",
         d["direction"].as_str().unwrap_or("?"),
-        d["reason"].as_str().unwrap_or("?"),
         d["decision_id"].as_str().unwrap_or("?"),
     )
 }
@@ -1024,7 +1062,7 @@ async fn metrics(t: &mut Transcript, w: &World) {
                 ("result", "allow"),
                 ("enforced", "true"),
             ],
-            2.0,
+            4.0,
         ),
         (
             "agent",
@@ -1034,7 +1072,7 @@ async fn metrics(t: &mut Transcript, w: &World) {
                 ("result", "deny"),
                 ("enforced", "true"),
             ],
-            3.0,
+            7.0,
         ),
         (
             "tool",
@@ -1044,26 +1082,29 @@ async fn metrics(t: &mut Transcript, w: &World) {
                 ("result", "allow"),
                 ("enforced", "true"),
             ],
-            2.0,
+            4.0,
         ),
-        // The JSON-RPC error of (b) is an HTTP 200; (d) and (e) are 403s.
+        // Allowed: search, the REST read, alice's report and her approved payroll call; denied:
+        // delete_repo, the write, the unrouted call, outside alice's grant, the tampered token,
+        // the payroll call held for approval and its approval used twice. The JSON-RPC error for
+        // delete_repo is an HTTP 200; every other refusal is a 403.
         (
             "agent",
             "mandate_requests_total",
             [("direction", "outbound"), ("status", "200"), ("", "")],
-            3.0,
+            5.0,
         ),
         (
             "agent",
             "mandate_requests_total",
             [("direction", "outbound"), ("status", "403"), ("", "")],
-            2.0,
+            6.0,
         ),
         (
             "tool",
             "mandate_requests_total",
             [("direction", "inbound"), ("status", "200"), ("", "")],
-            2.0,
+            4.0,
         ),
     ];
     // Counters may be updated just after the response is sent; give them a moment to catch up.
@@ -1480,6 +1521,15 @@ mod tests {
         let d = json!({"direction": "inbound", "allow": true, "enforced": false,
             "reason": "yes", "decision_id": "0191"});
         assert_eq!(decision_line(&d, 3), "inbound  allow yes  0191 (dry run)");
+        let long = "x".repeat(REASON_WIDTH + 20);
+        let d = json!({"direction": "outbound", "allow": false, "enforced": true,
+            "reason": long, "decision_id": "0192"});
+        let line = decision_line(&d, REASON_WIDTH);
+        assert!(line.ends_with("x…  0192"), "{line}");
+        assert_eq!(
+            line.chars().count(),
+            "outbound deny  ".len() + REASON_WIDTH + "  0192".len()
+        );
     }
 
     #[test]

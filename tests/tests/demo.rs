@@ -29,4 +29,18 @@ async fn mandate_demo_passes_all_its_checks() {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+    // The second half acts for a person: the tool is told on whose behalf, and a held call is
+    // approved through the CLI and found in the audit log by its approver.
+    for shown in [
+        "x-mandate-on-behalf-of: alice@example.com",
+        "$ mandate approve ",
+        "$ mandate audit query --approver bob@example.com",
+        "signature does not verify",
+        "already used",
+    ] {
+        assert!(
+            stdout.contains(shown),
+            "the demo shows {shown:?}:\n{stdout}"
+        );
+    }
 }
