@@ -92,7 +92,8 @@ pub struct BenchArgs {
     #[arg(long, default_value = "0")]
     pub cpus_load: String,
     /// Measure only these (comma-separated); direct is always measured as the baseline of the
-    /// data-path topologies. `control-plane` alone runs only the control-plane benchmark.
+    /// data-path topologies. `control-plane` and `delegation` alone run only those benchmarks.
+    /// With `--report`, the sections of the benchmarks left out keep their figures from the file.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<Kind>,
     /// Control-plane benchmark: simulated sidecars holding a push stream open.
@@ -125,6 +126,13 @@ pub struct BenchArgs {
     /// Do not run the in-process policy evaluation benchmark.
     #[arg(long)]
     pub skip_policy_eval: bool,
+    /// Delegation benchmark: measured time of each in-process token-verification row.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub delegation_verify_time: Duration,
+    /// Delegation benchmark: measured fixed-rate load per variant of the pair (with delegation,
+    /// without), cut into `--rounds` rounds.
+    #[arg(long, default_value = "8s", value_parser = parse_duration)]
+    pub delegation_duration: Duration,
     /// Keep the temporary directory (certificates, configs, logs) for inspection.
     #[arg(long)]
     pub keep_tmp: bool,
@@ -143,9 +151,13 @@ impl BenchArgs {
     }
 
     /// Whether any data-path topology (and the in-process policy evaluation) runs: not when
-    /// `--only` names the control plane alone.
+    /// `--only` names only the control plane and delegation benchmarks.
     pub fn data_path_wanted(&self) -> bool {
-        self.only.is_empty() || self.only.iter().any(|k| *k != Kind::ControlPlane)
+        self.only.is_empty()
+            || self
+                .only
+                .iter()
+                .any(|k| !matches!(k, Kind::ControlPlane | Kind::Delegation))
     }
 }
 

@@ -35,7 +35,7 @@ pub const TARGET_INGEST_PER_S: f64 = 20_000.0;
 pub const BATCH: usize = 500;
 
 /// The trust domain of the benchmark's control planes.
-const TRUST_DOMAIN: &str = "mandate.local";
+pub(crate) const TRUST_DOMAIN: &str = "mandate.local";
 /// The admin token of the benchmark's control planes (a throwaway: real ones are random).
 const ADMIN_TOKEN: &str = "mandate-bench-admin-token-0123456789";
 /// Store key, base64 of 32 bytes (a throwaway, as the data directory is).
@@ -65,7 +65,7 @@ pub enum Part<T> {
 }
 
 impl<T> Part<T> {
-    fn from_result(r: Result<T, SetupError>) -> Self {
+    pub(crate) fn from_result(r: Result<T, SetupError>) -> Self {
         match r {
             Ok(v) => Part::Done(v),
             Err(SetupError::Unavailable(why)) => Part::Skipped(why),
@@ -312,28 +312,33 @@ fn report_part<T>(what: &str, p: &Part<T>) {
 }
 
 /// What starting a control plane needs.
-struct Ctx<'a> {
-    args: &'a BenchArgs,
-    bin: &'a Path,
-    tmp: &'a Path,
-    cpus: &'a [usize],
-    pinner: &'a Pinner,
+pub(crate) struct Ctx<'a> {
+    pub(crate) args: &'a BenchArgs,
+    /// The `mandate` binary.
+    pub(crate) bin: &'a Path,
+    pub(crate) tmp: &'a Path,
+    /// CPUs of `mandate serve`.
+    pub(crate) cpus: &'a [usize],
+    pub(crate) pinner: &'a Pinner,
 }
 
 /// A running `mandate serve` and an admin connection to it; stopped when dropped.
-struct Serve {
-    child: Child,
-    listen: SocketAddr,
-    ca_pem: PathBuf,
+pub(crate) struct Serve {
+    pub(crate) child: Child,
+    pub(crate) listen: SocketAddr,
+    pub(crate) ca_pem: PathBuf,
     endpoint: Endpoint,
     admin: Conn,
 }
 
 impl Serve {
-    async fn start(
+    /// Starts `mandate serve` (SQLite in its data directory, or `database_url`) with `extra`
+    /// flags, and waits until it is ready.
+    pub(crate) async fn start(
         ctx: &Ctx<'_>,
         name: &str,
         database_url: Option<&str>,
+        extra: &[&str],
     ) -> Result<Self, SetupError> {
         if !ctx.bin.is_file() {
             return Err(SetupError::Unavailable(format!(
@@ -370,6 +375,7 @@ impl Serve {
         if let Some(url) = database_url {
             args.extend(os_args(["--database-url", url]));
         }
+        args.extend(os_args(extra.iter().copied()));
         let mut child = Child::spawn(
             ctx.pinner,
             Spawn {
@@ -415,8 +421,35 @@ impl Serve {
         })
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.pid()
+    }
+
+    /// Runs the operator CLI against this control plane (`mandate ARGS…`, a new process with a
+    /// clean `MANDATE_*` environment) and returns its standard output; failing, both streams.
+    pub(crate) async fn cli(&self, bin: &Path, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = std::process::Command::new(bin);
+        cmd.args(args);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("MANDATE_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("MANDATE_SERVER", format!("https://{}", self.listen))
+            .env("MANDATE_CACERT", &self.ca_pem)
+            .env("MANDATE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .stdin(std::process::Stdio::null());
+        let out = tokio::task::spawn_blocking(move || cmd.output()).await??;
+        if !out.status.success() {
+            bail!(
+                "mandate {} failed ({}): {}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Registers `names` as agents, a few at a time; returns their join tokens in order.
@@ -475,7 +508,7 @@ impl Serve {
 }
 
 /// The status code of a plain-HTTP GET (the metrics listener), or `None` when it does not answer.
-async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+pub(crate) async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     let attempt = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
         s.write_all(
@@ -552,27 +585,7 @@ async fn read_stream(
 /// Issues one revocation: the `mandate agent revoke` CLI when this build has it, else the API.
 async fn revoke(serve: &Serve, cli: bool, bin: &Path, name: &str) -> anyhow::Result<()> {
     if cli {
-        let mut cmd = std::process::Command::new(bin);
-        cmd.args(["agent", "revoke", name]);
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("MANDATE_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.env("MANDATE_SERVER", format!("https://{}", serve.listen))
-            .env("MANDATE_CACERT", &serve.ca_pem)
-            .env("MANDATE_ADMIN_TOKEN", ADMIN_TOKEN)
-            .stdin(std::process::Stdio::null());
-        let out = tokio::task::spawn_blocking(move || cmd.output()).await??;
-        if !out.status.success() {
-            bail!(
-                "mandate agent revoke {name} failed ({}): {}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
+        serve.cli(bin, &["agent", "revoke", name]).await.map(|_| ())
     } else {
         serve
             .admin
@@ -590,14 +603,14 @@ async fn revoke(serve: &Serve, cli: bool, bin: &Path, name: &str) -> anyhow::Res
 }
 
 /// Busy time of the whole machine and of the given processes, to tell how much other programs ran.
-struct Busy {
+pub(crate) struct Busy {
     machine: rss::CpuTimes,
     ours: f64,
     at: Instant,
 }
 
 impl Busy {
-    fn start(pids: &[u32]) -> Self {
+    pub(crate) fn start(pids: &[u32]) -> Self {
         Self {
             machine: rss::cpu_times(&(0..procs::online_cpus()).collect::<Vec<_>>()),
             ours: pids.iter().map(|&p| rss::cpu_seconds(p)).sum(),
@@ -606,7 +619,7 @@ impl Busy {
     }
 
     /// CPU used since `start` by programs other than `pids`, percent of one core.
-    fn other_pct(&self, pids: &[u32]) -> f64 {
+    pub(crate) fn other_pct(&self, pids: &[u32]) -> f64 {
         let machine = rss::cpu_times(&(0..procs::online_cpus()).collect::<Vec<_>>()) - self.machine;
         let ours: f64 = pids.iter().map(|&p| rss::cpu_seconds(p)).sum::<f64>() - self.ours;
         ((machine.busy_s - ours) / self.at.elapsed().as_secs_f64().max(1e-9) * 100.0).max(0.0)
@@ -624,7 +637,7 @@ fn ms(d: Duration) -> f64 {
 async fn push(ctx: &Ctx<'_>) -> Result<Push, SetupError> {
     let args = ctx.args;
     let (n, k) = (args.cp_streams, args.cp_revocations.max(1));
-    let serve = Serve::start(ctx, "serve-push", None).await?;
+    let serve = Serve::start(ctx, "serve-push", None, &[]).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mem_idle = rss::sample(serve.pid());
 
@@ -850,7 +863,7 @@ async fn ingest(ctx: &Ctx<'_>, pg: bool) -> Result<Ingest, SetupError> {
     } else {
         "serve-ingest-sqlite"
     };
-    let serve = Serve::start(ctx, name, url.as_deref())
+    let serve = Serve::start(ctx, name, url.as_deref(), &[])
         .await
         .map_err(|e| match (e, &db) {
             (SetupError::Failed(e), Some(db)) => SetupError::Failed(

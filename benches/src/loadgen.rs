@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use http::{HeaderValue, Request, StatusCode, Uri, header};
+use http::{HeaderName, HeaderValue, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
@@ -32,6 +32,8 @@ pub struct Target {
     pub host: HeaderValue,
     /// Body length every 200 response must carry, when known.
     pub expect_body: Option<usize>,
+    /// Further headers every request carries (e.g. a delegation token).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 /// Why one request failed; each kind is counted separately.
@@ -224,10 +226,13 @@ impl Conn {
             .ready()
             .await
             .map_err(|e| RequestError::Transport(format!("connection not ready: {e}")))?;
-        let req = Request::get(self.target.uri.clone())
+        let mut req = Request::get(self.target.uri.clone())
             .header(header::HOST, self.target.host.clone())
             .body(Empty::<Bytes>::new())
             .expect("request parts are valid");
+        for (name, value) in &self.target.headers {
+            req.headers_mut().append(name.clone(), value.clone());
+        }
         let resp = sender
             .send_request(req)
             .await

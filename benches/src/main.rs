@@ -1,11 +1,14 @@
 //! `mandate-bench`: measures what the mandate-proxy sidecar pair adds to a call, next to a direct call
 //! and an nginx mTLS pair doing the same job, measures the control plane (`mandate serve`: push
-//! latency to 500 sidecars, memory, decision ingest), and writes it all to `docs/benchmarks.md`.
+//! latency to 500 sidecars, memory, decision ingest), measures delegation tokens (their check in
+//! process, and a managed pair with and without delegation), and writes it all to
+//! `docs/benchmarks.md`.
 
 mod app;
 mod certs;
 mod cli;
 mod control_plane;
+mod delegation;
 mod jitter;
 mod loadgen;
 mod mandate;

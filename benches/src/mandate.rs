@@ -122,6 +122,7 @@ pub async fn start(env: &Env<'_>, with_policy: bool) -> Result<Running, SetupErr
         uri: Uri::from_static("http://tool:8080/"),
         host: HeaderValue::from_static(TOOL_AUTHORITY),
         expect_body: Some(BODY_BYTES),
+        headers: vec![],
     };
     if let Err(e) = loadgen::probe(&target, Instant::now() + Duration::from_secs(5)).await {
         return Err(anyhow!(
@@ -198,12 +199,13 @@ fn check_binary(bin: &Path, with_policy: bool) -> Result<(), SetupError> {
 }
 
 /// Waits for `GET /readyz` = 200 on the admin listener, failing early if the sidecar exits.
-async fn wait_ready(child: &mut Child, admin: SocketAddr) -> anyhow::Result<()> {
+pub(crate) async fn wait_ready(child: &mut Child, admin: SocketAddr) -> anyhow::Result<()> {
     let target = Target {
         connect: admin,
         uri: Uri::from_static("/readyz"),
         host: HeaderValue::from_str(&admin.to_string())?,
         expect_body: None,
+        headers: vec![],
     };
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {

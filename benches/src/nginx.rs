@@ -253,6 +253,7 @@ pub async fn start(env: &Env<'_>) -> Result<Running, SetupError> {
         uri: Uri::from_static("/"),
         host: HeaderValue::from_static(TOOL_AUTHORITY),
         expect_body: Some(BODY_BYTES),
+        headers: vec![],
     };
     if let Err(e) = loadgen::probe(&target, Instant::now() + Duration::from_secs(5)).await {
         let log = |n: &str| {

@@ -14,7 +14,7 @@ use crate::loadgen::{self, Outcome, Target};
 use crate::procs::{self, Child, Pinner, Spawn, TempDir};
 use crate::report::{self, Machine, Report};
 use crate::rss::{self, Mem, Sampler};
-use crate::{control_plane, jitter, mandate, nginx, policy};
+use crate::{control_plane, delegation, jitter, mandate, nginx, policy};
 
 /// Response body size of the upstream app.
 pub const BODY_BYTES: usize = 1024;
@@ -44,6 +44,8 @@ pub enum Kind {
     Nginx,
     /// Not a data-path topology: the control plane (`mandate serve`) with simulated sidecars.
     ControlPlane,
+    /// Not a data-path topology: delegation tokens, checked in process and through a managed pair.
+    Delegation,
 }
 
 impl Kind {
@@ -55,6 +57,7 @@ impl Kind {
             Kind::MandatePolicy => "mandate-proxy pair + policy",
             Kind::Nginx => "nginx pair",
             Kind::ControlPlane => "control plane",
+            Kind::Delegation => "delegation",
         }
     }
 }
@@ -269,6 +272,13 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
                 format!("{e:#}")
             })
     });
+    let delegation = delegation::wanted(args).then(|| {
+        rt.block_on(delegation::run(args, &cpus_proxy, &cpus_load))
+            .map_err(|e| {
+                eprintln!("== delegation FAILED: {e:#}");
+                format!("{e:#}")
+            })
+    });
     let tmp = results.tmp.display().to_string();
     let report = Report {
         machine,
@@ -285,14 +295,22 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         jitter_after,
         policy_eval,
         control_plane,
+        delegation,
     };
     println!("{}", report::terminal_table(&report));
     if let Some(path) = &args.report {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        std::fs::write(path, report::markdown(&report))
-            .with_context(|| format!("writing {}", path.display()))?;
+        let mut text = report::markdown(&report);
+        // A partial run keeps what the file says of the benchmarks it left out.
+        let kept = report::sections_not_run(&report);
+        if !kept.is_empty()
+            && let Ok(old) = std::fs::read_to_string(path)
+        {
+            text = report::merge(&old, &text, &kept);
+        }
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
     let failed: Vec<_> = report
@@ -310,6 +328,11 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     match &report.control_plane {
         Some(Err(e)) => bail!("control plane benchmark failed: {e}"),
         Some(Ok(cp)) => control_plane::check(cp).context("control plane benchmark")?,
+        None => {}
+    }
+    match &report.delegation {
+        Some(Err(e)) => bail!("delegation benchmark failed: {e}"),
+        Some(Ok(d)) => delegation::check(d).context("delegation benchmark")?,
         None => {}
     }
     Ok(())
@@ -385,7 +408,9 @@ async fn run_all(
             Kind::Mandate => mandate::start(&env, false).await,
             Kind::MandatePolicy => mandate::start(&env, true).await,
             Kind::Nginx => nginx::start(&env).await,
-            Kind::ControlPlane => unreachable!("the control plane is not a data-path topology"),
+            Kind::ControlPlane | Kind::Delegation => {
+                unreachable!("{} is not a data-path topology", kind.label())
+            }
         };
         let status = match started {
             Ok(running) => match loadgen::probe(&running.target, Instant::now() + PROBE_TIME).await
@@ -426,6 +451,7 @@ fn direct(env: &Env<'_>) -> Running {
             uri: Uri::from_static("/"),
             host: HeaderValue::from_static(TOOL_AUTHORITY),
             expect_body: Some(BODY_BYTES),
+            headers: vec![],
         },
         procs: vec![],
         facts: vec![],
@@ -729,7 +755,7 @@ async fn measure(live: &mut [Live], env: &Env<'_>, app_pid: u32) {
 }
 
 /// Waits (at most `max`) until programs other than ours use under 5% of a core on `cpus`.
-async fn wait_quiet(cpus: &[usize], pids: &[u32], app_pid: u32, max: Duration) {
+pub(crate) async fn wait_quiet(cpus: &[usize], pids: &[u32], app_pid: u32, max: Duration) {
     if max.is_zero() {
         return;
     }
