@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use http::Request;
-use mandate_e2e::apps::App;
+use mandate_e2e::apps::{App, Seen};
 use mandate_e2e::client::{Collected, Http1, empty, full, proxy_get, proxy_request};
 use mandate_e2e::control_plane::{CliOutput, join_token_in};
 use mandate_e2e::policy::reference_policy;
@@ -178,6 +178,21 @@ fn ensure_mentions(reason: &str, words: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a sidecar stamped for its app: on alice's behalf, through `actors` (oldest first).
+fn ensure_stamped(seen: &Seen, actors: &[&str]) -> anyhow::Result<()> {
+    ensure_eq!(
+        seen.header_all("x-mandate-on-behalf-of"),
+        vec![ALICE.to_owned()],
+        "on whose behalf, as verified"
+    );
+    ensure_eq!(
+        seen.header_all("x-mandate-delegation-chain"),
+        vec![actors.join(",")],
+        "the chain of actors, oldest first"
+    );
+    Ok(())
+}
+
 async fn ready(sidecars: &[&Sidecar]) -> anyhow::Result<()> {
     for s in sidecars {
         eventually(PUSH, &format!("{} ready", s.name()), || async {
@@ -225,16 +240,7 @@ async fn a_granted_call_is_allowed_and_the_tool_sees_on_whose_behalf_within_the_
         ensure_eq!(resp.status, 200, "granted call: {}", resp.text());
         let seen = app.seen();
         let at_tool = seen.last().expect("the tool saw the call");
-        ensure_eq!(
-            at_tool.header_all("x-mandate-on-behalf-of"),
-            vec![ALICE.to_owned()],
-            "on whose behalf, as verified"
-        );
-        ensure_eq!(
-            at_tool.header_all("x-mandate-delegation-chain"),
-            vec![RESEARCH.to_owned()],
-            "the chain of actors"
-        );
+        ensure_stamped(at_tool, &[RESEARCH])?;
         ensure_eq!(
             at_tool.header_all("x-mandate-grant"),
             vec![grant.clone()],
@@ -504,16 +510,7 @@ async fn a_chain_from_planner_through_research_to_the_tool_is_verified_and_recor
         ensure_eq!(resp.status, 200, "planner → research: {}", resp.text());
         let seen = research_app.seen();
         let at_research = seen.last().expect("research's app saw the call");
-        ensure_eq!(
-            at_research.header_all("x-mandate-on-behalf-of"),
-            vec![ALICE.to_owned()],
-            "research acts for alice"
-        );
-        ensure_eq!(
-            at_research.header_all("x-mandate-delegation-chain"),
-            vec![PLANNER.to_owned()],
-            "the chain so far"
-        );
+        ensure_stamped(at_research, &[PLANNER])?;
         // research's sidecar exchanged planner's token for one naming research as the actor.
         let handed_on = at_research.header_all("x-mandate-delegation");
         let research_token = handed_on.first().ok_or_else(|| {
@@ -545,16 +542,7 @@ async fn a_chain_from_planner_through_research_to_the_tool_is_verified_and_recor
         ensure_eq!(resp.status, 200, "research → tool: {}", resp.text());
         let seen = tool_app.seen();
         let at_tool = seen.last().expect("the tool saw the call");
-        ensure_eq!(
-            at_tool.header_all("x-mandate-on-behalf-of"),
-            vec![ALICE.to_owned()],
-            "still alice"
-        );
-        ensure_eq!(
-            at_tool.header_all("x-mandate-delegation-chain"),
-            vec![format!("{PLANNER},{RESEARCH}")],
-            "planner then research"
-        );
+        ensure_stamped(at_tool, &[PLANNER, RESEARCH])?;
 
         // Outside alice's grant even with the chain: denied.
         let outside = call(
