@@ -11,7 +11,6 @@ use mandate_control_plane::store::{
     NewGrant, NewWorkload, Store, StoreError, StoreLocation, StoredDelegationKey, StoredSecret,
     WorkloadKind, WorkloadStatus,
 };
-use mandate_e2e::postgres::Postgres;
 use mandate_e2e::within;
 use mandate_identity::TrustDomain;
 use mandate_identity::ca::CertificateAuthority;
@@ -31,63 +30,13 @@ const CHANGE_WITHIN: Duration = Duration::from_secs(1);
 /// Decision ingest the store must sustain (release builds; debug builds only report).
 const INGEST_TARGET_PER_SEC: f64 = 20_000.0;
 
-/// Where each case's fresh store comes from.
-enum Backend {
-    Sqlite(tempfile::TempDir),
-    Postgres(Box<Postgres>),
-}
+mod store_backend;
 
-impl Backend {
-    fn name(&self) -> &'static str {
-        match self {
-            Self::Sqlite(_) => "sqlite",
-            Self::Postgres(_) => "postgres",
-        }
-    }
-
-    /// A location no other case uses.
-    async fn location(&self, case: &str) -> anyhow::Result<StoreLocation> {
-        match self {
-            // A directory that does not exist yet: opening must create it.
-            Self::Sqlite(dir) => Ok(StoreLocation::Sqlite(
-                dir.path().join(case).join("data").join("mandate.db"),
-            )),
-            Self::Postgres(pg) => {
-                let base = format!("postgres://postgres@{}", pg.addr());
-                let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres"))
-                    .await
-                    .context("connect to the test server's postgres database")?;
-                sqlx::query(&format!("CREATE DATABASE \"{case}\""))
-                    .execute(&mut admin)
-                    .await
-                    .with_context(|| format!("create database {case}"))?;
-                admin.close().await?;
-                Ok(StoreLocation::Postgres(format!("{base}/{case}")))
-            }
-        }
-    }
-}
-
-/// Runs each named case against a fresh store of `$backend`, saying which one runs so a failure
-/// (a panic or an error) can be placed.
-macro_rules! run_cases {
-    ($backend:expr, $($case:ident),+ $(,)?) => {{
-        let backend = &$backend;
-        $(
-            eprintln!("store/{}: {}", backend.name(), stringify!($case));
-            let location = backend.location(stringify!($case)).await?;
-            let store = Store::open(&location)
-                .await
-                .with_context(|| format!("open {location:?}"))?;
-            $case(store, &location)
-                .await
-                .with_context(|| format!("store/{}: {}", backend.name(), stringify!($case)))?;
-        )+
-    }};
-}
+use store_backend::{Backend, run_cases};
 
 async fn suite(backend: Backend) -> anyhow::Result<()> {
     run_cases!(
+        "store",
         backend,
         migrations_are_idempotent,
         the_ca_is_one_row,
@@ -103,40 +52,36 @@ async fn suite(backend: Backend) -> anyhow::Result<()> {
         delegation_keys_and_revision,
     );
     if let Backend::Postgres(_) = backend {
-        run_cases!(backend, replicas_see_each_others_changes);
-        run_cases!(backend, replicas_see_each_others_delegation_changes);
+        run_cases!("store", backend, replicas_see_each_others_changes);
+        run_cases!(
+            "store",
+            backend,
+            replicas_see_each_others_delegation_changes
+        );
     }
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_on_sqlite() -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new()
-        .prefix("mandate-e2e-store-")
-        .tempdir()?;
-    within(
+    store_backend::on_sqlite(
+        "mandate-e2e-store-",
         SUITE_LIMIT,
         "store suite on sqlite",
-        suite(Backend::Sqlite(dir)),
+        suite,
     )
-    .await?
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_on_postgres() -> anyhow::Result<()> {
-    let pg = match Postgres::start().await? {
-        Ok(pg) => pg,
-        Err(reason) => {
-            eprintln!("SKIP: store_on_postgres: {reason}");
-            return Ok(());
-        }
-    };
-    within(
+    store_backend::on_postgres(
+        "store_on_postgres",
         SUITE_LIMIT,
         "store suite on postgres",
-        suite(Backend::Postgres(Box::new(pg))),
+        suite,
     )
-    .await?
+    .await
 }
 
 // ---------------------------------------------------------------------------------------------

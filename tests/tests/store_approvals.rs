@@ -9,12 +9,9 @@ use mandate_control_plane::store::{
     ApprovalRefusal, ApprovalStatus, DecisionQuery, NewApproval, Store, StoreError, StoreLocation,
     Verdict,
 };
-use mandate_e2e::postgres::Postgres;
-use mandate_e2e::within;
 use mandate_wire::{
     ApprovalRecord, DecisionRecord, DelegationRecord, DestinationRecord, Direction,
 };
-use sqlx::Connection as _;
 
 /// The whole suite on one backend.
 const SUITE_LIMIT: Duration = Duration::from_secs(120);
@@ -26,56 +23,13 @@ const TTL_MS: i64 = 600_000;
 /// A fixed "now" (2026-01-01T00:00:00Z): the store is given the time, never reads the clock.
 const T0: i64 = 1_767_225_600_000;
 
-enum Backend {
-    Sqlite(tempfile::TempDir),
-    Postgres(Box<Postgres>),
-}
+mod store_backend;
 
-impl Backend {
-    fn name(&self) -> &'static str {
-        match self {
-            Self::Sqlite(_) => "sqlite",
-            Self::Postgres(_) => "postgres",
-        }
-    }
-
-    async fn location(&self, case: &str) -> anyhow::Result<StoreLocation> {
-        match self {
-            Self::Sqlite(dir) => Ok(StoreLocation::Sqlite(dir.path().join(case).join("m.db"))),
-            Self::Postgres(pg) => {
-                let base = format!("postgres://postgres@{}", pg.addr());
-                let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres"))
-                    .await
-                    .context("connect to the test server's postgres database")?;
-                sqlx::query(&format!("CREATE DATABASE \"{case}\""))
-                    .execute(&mut admin)
-                    .await
-                    .with_context(|| format!("create database {case}"))?;
-                admin.close().await?;
-                Ok(StoreLocation::Postgres(format!("{base}/{case}")))
-            }
-        }
-    }
-}
-
-macro_rules! run_cases {
-    ($backend:expr, $($case:ident),+ $(,)?) => {{
-        let backend = &$backend;
-        $(
-            eprintln!("store_approvals/{}: {}", backend.name(), stringify!($case));
-            let location = backend.location(stringify!($case)).await?;
-            let store = Store::open(&location)
-                .await
-                .with_context(|| format!("open {location:?}"))?;
-            $case(store)
-                .await
-                .with_context(|| format!("store_approvals/{}: {}", backend.name(), stringify!($case)))?;
-        )+
-    }};
-}
+use store_backend::{Backend, run_cases};
 
 async fn suite(backend: Backend) -> anyhow::Result<()> {
     run_cases!(
+        "store_approvals",
         backend,
         an_approval_is_redeemed_once,
         concurrent_redeems_have_one_winner,
@@ -91,32 +45,24 @@ async fn suite(backend: Backend) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn approvals_on_sqlite() -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new()
-        .prefix("mandate-e2e-approvals-")
-        .tempdir()?;
-    within(
+    store_backend::on_sqlite(
+        "mandate-e2e-approvals-",
         SUITE_LIMIT,
         "approvals suite on sqlite",
-        suite(Backend::Sqlite(dir)),
+        suite,
     )
-    .await?
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn approvals_on_postgres() -> anyhow::Result<()> {
-    let pg = match Postgres::start().await? {
-        Ok(pg) => pg,
-        Err(reason) => {
-            eprintln!("SKIP: approvals_on_postgres: {reason}");
-            return Ok(());
-        }
-    };
-    within(
+    store_backend::on_postgres(
+        "approvals_on_postgres",
         SUITE_LIMIT,
         "approvals suite on postgres",
-        suite(Backend::Postgres(Box::new(pg))),
+        suite,
     )
-    .await?
+    .await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -160,7 +106,7 @@ fn conflict_why(e: StoreError) -> String {
 // ---------------------------------------------------------------------------------------------
 // Cases
 
-async fn an_approval_is_redeemed_once(store: Store) -> anyhow::Result<()> {
+async fn an_approval_is_redeemed_once(store: Store, _: &StoreLocation) -> anyhow::Result<()> {
     let asked = store
         .insert_approval(&new_approval(RESEARCH, 1), T0, TTL_MS)
         .await?;
@@ -238,7 +184,7 @@ fn uuid_version(id: &str) -> Option<u32> {
     id.chars().nth(14)?.to_digit(16)
 }
 
-async fn concurrent_redeems_have_one_winner(store: Store) -> anyhow::Result<()> {
+async fn concurrent_redeems_have_one_winner(store: Store, _: &StoreLocation) -> anyhow::Result<()> {
     for round in 0..5u8 {
         let id = approved(&store, round).await?;
         let redeems = (0..8).map(|_| {
@@ -263,7 +209,10 @@ async fn concurrent_redeems_have_one_winner(store: Store) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn concurrent_decisions_have_one_winner(store: Store) -> anyhow::Result<()> {
+async fn concurrent_decisions_have_one_winner(
+    store: Store,
+    _: &StoreLocation,
+) -> anyhow::Result<()> {
     let a = store
         .insert_approval(&new_approval(RESEARCH, 1), T0, TTL_MS)
         .await?;
@@ -296,7 +245,10 @@ async fn concurrent_decisions_have_one_winner(store: Store) -> anyhow::Result<()
     Ok(())
 }
 
-async fn expired_approvals_cannot_be_decided_or_redeemed(store: Store) -> anyhow::Result<()> {
+async fn expired_approvals_cannot_be_decided_or_redeemed(
+    store: Store,
+    _: &StoreLocation,
+) -> anyhow::Result<()> {
     let pending = store
         .insert_approval(&new_approval(RESEARCH, 1), T0, TTL_MS)
         .await?;
@@ -337,7 +289,10 @@ async fn expired_approvals_cannot_be_decided_or_redeemed(store: Store) -> anyhow
     Ok(())
 }
 
-async fn rejected_approvals_name_who_rejected(store: Store) -> anyhow::Result<()> {
+async fn rejected_approvals_name_who_rejected(
+    store: Store,
+    _: &StoreLocation,
+) -> anyhow::Result<()> {
     let a = store
         .insert_approval(&new_approval(RESEARCH, 1), T0, TTL_MS)
         .await?;
@@ -373,7 +328,10 @@ async fn rejected_approvals_name_who_rejected(store: Store) -> anyhow::Result<()
     Ok(())
 }
 
-async fn only_the_asking_agent_and_the_same_call_redeem(store: Store) -> anyhow::Result<()> {
+async fn only_the_asking_agent_and_the_same_call_redeem(
+    store: Store,
+    _: &StoreLocation,
+) -> anyhow::Result<()> {
     let id = approved(&store, 1).await?;
     assert!(matches!(
         store
@@ -401,7 +359,7 @@ async fn only_the_asking_agent_and_the_same_call_redeem(store: Store) -> anyhow:
     Ok(())
 }
 
-async fn approvals_list_by_status(store: Store) -> anyhow::Result<()> {
+async fn approvals_list_by_status(store: Store, _: &StoreLocation) -> anyhow::Result<()> {
     // 1 pending, 2 approved, 3 rejected, 4 used, 5 pending but asked long ago (expired).
     let mut ids = Vec::new();
     for n in 1..=4u8 {
@@ -496,7 +454,7 @@ fn decision(n: u32, grant: Option<&str>, approver: Option<&str>) -> DecisionReco
     }
 }
 
-async fn decisions_keep_grant_and_approver(store: Store) -> anyhow::Result<()> {
+async fn decisions_keep_grant_and_approver(store: Store, _: &StoreLocation) -> anyhow::Result<()> {
     let records = vec![
         decision(1, Some("g1"), Some("bob")),
         decision(2, Some("g1"), None),
