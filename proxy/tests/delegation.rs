@@ -10,15 +10,12 @@
 mod fake_cp;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use bytes::Bytes;
-use clap::Parser;
-use fake_cp::FakeControlPlane;
+use fake_cp::{FakeControlPlane, eventually, registry, spawn_sidecar};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use mandate_proxy::config::{Args, Config};
-use mandate_wire::{Direction, Registry, RegistryEntry, StreamMessage, WorkloadStatus};
+use mandate_wire::{Direction, StreamMessage, WorkloadStatus};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -36,60 +33,6 @@ decision := {"allow": false, "require_approval": true, "reason": "deleting needs
 	input.request.path == "/delegated-only"
 } else := {"allow": true, "reason": "on its own"}
 "#;
-
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    for _ in 0..200 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
-struct Sidecar {
-    outbound: SocketAddr,
-    inbound: SocketAddr,
-    admin: SocketAddr,
-}
-
-fn spawn_sidecar(cp: &FakeControlPlane, id: &str, extra: &[String]) -> Sidecar {
-    let token = cp.token(id).expose();
-    let s = Sidecar {
-        outbound: free_addr(),
-        inbound: free_addr(),
-        admin: free_addr(),
-    };
-    let mut argv: Vec<String> = [
-        "mandate-proxy",
-        "--control-plane",
-        &cp.url(),
-        "--join-token",
-        &token,
-        "--outbound",
-        &s.outbound.to_string(),
-        "--inbound",
-        &s.inbound.to_string(),
-        "--admin",
-        &s.admin.to_string(),
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
-    argv.extend_from_slice(extra);
-    let config = Config::from_args(Args::parse_from(argv)).unwrap();
-    tokio::spawn(async move {
-        if let Err(e) = mandate_proxy::run(config).await {
-            panic!("sidecar failed: {e:#}");
-        }
-    });
-    s
-}
 
 /// An app answering with the `x-mandate-*` headers it received, as JSON.
 async fn echo_app() -> SocketAddr {
@@ -174,26 +117,6 @@ async fn call(
     }
 }
 
-fn registry() -> Registry {
-    let mut registry = Registry {
-        revision: 1,
-        ..Registry::default()
-    };
-    for (kind, name) in [("agent", "a"), ("agent", "b"), ("service", "tool")] {
-        let entry: RegistryEntry = serde_json::from_value(json!({
-            "spiffe_id": format!("spiffe://mandate.local/{kind}/{name}"),
-            "status": WorkloadStatus::Active,
-            "owner": "team",
-        }))
-        .unwrap();
-        match kind {
-            "agent" => registry.agents.insert(name.into(), entry),
-            _ => registry.services.insert(name.into(), entry),
-        };
-    }
-    registry
-}
-
 fn metric(text: &str, line_start: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(line_start))
@@ -235,7 +158,11 @@ async fn delegation_exchange_and_approval_through_managed_sidecars() {
     eventually("three sidecars streaming", async || cp.streams() == 3).await;
     cp.push(&StreamMessage::Update {
         bundle: Some(cp.bundle(1, POLICY, "{}")),
-        registry: Some(registry()),
+        registry: Some(registry(&[
+            ("agent", "a", WorkloadStatus::Active),
+            ("agent", "b", WorkloadStatus::Active),
+            ("service", "tool", WorkloadStatus::Active),
+        ])),
         trust_bundle: Some(cp.state.ca.cert_pem().to_owned()),
         delegation: Some(cp.delegation_state(1, &[])),
     });

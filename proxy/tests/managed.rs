@@ -8,18 +8,16 @@
 #[allow(dead_code)]
 mod fake_cp;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use clap::Parser;
-use fake_cp::{FakeControlPlane, TD, sign_bundle, td};
+use fake_cp::{FakeControlPlane, eventually, registry, sign_bundle, spawn_sidecar, td};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use mandate_identity::ca::CertificateAuthority;
-use mandate_proxy::config::{Args, Config, ControlPlaneUrl};
+use mandate_proxy::config::ControlPlaneUrl;
 use mandate_proxy::identity::IdentityStore;
 use mandate_proxy::metrics::Metrics;
 use mandate_proxy::revocation::Revocations;
@@ -30,8 +28,7 @@ use mandate_proxy::sync::svid::{SvidError, obtain};
 use mandate_proxy::sync::{ControlPlane, Timing};
 use mandate_proxy::tls;
 use mandate_wire::{
-    DecisionRecord, DestinationRecord, Direction, Registry, RegistryEntry, StreamMessage,
-    WorkloadStatus,
+    DecisionRecord, DestinationRecord, Direction, Registry, StreamMessage, WorkloadStatus,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -71,16 +68,6 @@ async fn enrol(
         &fast(),
     )
     .await
-}
-
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    for _ in 0..200 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 #[tokio::test]
@@ -241,31 +228,6 @@ async fn decision_batches_arrive_and_are_resent_after_a_failure() {
     assert_eq!(metrics.decisions_dropped.get(), 0);
 }
 
-fn registry(statuses: &[(&str, &str, WorkloadStatus)]) -> Registry {
-    let mut registry = Registry {
-        revision: 1,
-        ..Default::default()
-    };
-    for (kind, name, status) in statuses {
-        let entry = RegistryEntry {
-            spiffe_id: format!("spiffe://{TD}/{kind}/{name}"),
-            status: *status,
-            owner: "alice".into(),
-            description: String::new(),
-            ceiling: vec![],
-            autonomous: vec![],
-            labels: BTreeMap::new(),
-        };
-        let map = if *kind == "agent" {
-            &mut registry.agents
-        } else {
-            &mut registry.services
-        };
-        map.insert((*name).to_owned(), entry);
-    }
-    registry
-}
-
 /// Handshakes `client` (presenting its SVID) with a server presenting `server`'s; returns the
 /// failure reason label of each side.
 async fn handshake(
@@ -345,50 +307,6 @@ const DENY_ALL: &str = r#"package mandate.authz
 
 decision := {"allow": false, "reason": "everything is denied"}
 "#;
-
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
-struct Sidecar {
-    outbound: SocketAddr,
-    inbound: SocketAddr,
-    admin: SocketAddr,
-}
-
-fn spawn_sidecar(cp: &FakeControlPlane, id: &str, extra: &[String]) -> Sidecar {
-    let token = cp.token(id).expose();
-    let s = Sidecar {
-        outbound: free_addr(),
-        inbound: free_addr(),
-        admin: free_addr(),
-    };
-    let mut argv: Vec<String> = [
-        "mandate-proxy",
-        "--control-plane",
-        &cp.url(),
-        "--join-token",
-        &token,
-        "--outbound",
-        &s.outbound.to_string(),
-        "--inbound",
-        &s.inbound.to_string(),
-        "--admin",
-        &s.admin.to_string(),
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
-    argv.extend_from_slice(extra);
-    let config = Config::from_args(Args::parse_from(argv)).unwrap();
-    tokio::spawn(async move {
-        if let Err(e) = mandate_proxy::run(config).await {
-            panic!("sidecar failed: {e:#}");
-        }
-    });
-    s
-}
 
 /// A plain HTTP GET of `path` with `host` sent to `to` (an outbound or admin listener). A
 /// connection closed on us (as revocation does) is status 0.

@@ -13,6 +13,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use clap::Parser;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -23,13 +24,15 @@ use mandate_identity::ca::CertificateAuthority;
 use mandate_identity::csr::requested_id;
 use mandate_identity::svid::check_svid;
 use mandate_identity::{SpiffeId, TrustDomain};
+use mandate_proxy::config::{Args, Config};
 use mandate_wire::delegation::{Actor, Confirmation, DelegationClaims, SigningKey, thumbprint};
 use mandate_wire::{
     APPROVALS_PATH, ApiError, ApprovalRequest, ApprovalTicket, DECISIONS_PATH,
     DELEGATION_EXCHANGE_PATH, DELEGATION_TOKEN_PATH, DecisionBatch, DecisionRecord,
     DelegationState, ENROLL_PATH, EnrollRequest, ExchangeRequest, IngestResult, IssuedIdentity,
-    IssuedToken, JoinToken, RENEW_PATH, RedeemRequest, Redeemed, RenewRequest, RevokedGrant,
-    STREAM_PATH, SignedBundle, StreamMessage, TokenRequest,
+    IssuedToken, JoinToken, RENEW_PATH, RedeemRequest, Redeemed, Registry, RegistryEntry,
+    RenewRequest, RevokedGrant, STREAM_PATH, SignedBundle, StreamMessage, TokenRequest,
+    WorkloadStatus,
 };
 use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
@@ -598,4 +601,90 @@ impl Body for ChannelBody {
             .poll_recv(cx)
             .map(|line| line.map(|l| Ok(Frame::data(l))))
     }
+}
+
+// ---- What the tests around it share ----
+
+/// Polls `check` every 50 ms until it holds; panics after 10 s naming `what`.
+pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..200 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A registry of the given `(kind, name, status)` workloads in the test trust domain, revision 1.
+pub fn registry(statuses: &[(&str, &str, WorkloadStatus)]) -> Registry {
+    let mut registry = Registry {
+        revision: 1,
+        ..Default::default()
+    };
+    for (kind, name, status) in statuses {
+        let entry = RegistryEntry {
+            spiffe_id: format!("spiffe://{TD}/{kind}/{name}"),
+            status: *status,
+            owner: "alice".into(),
+            description: String::new(),
+            ceiling: vec![],
+            autonomous: vec![],
+            labels: BTreeMap::new(),
+        };
+        let map = if *kind == "agent" {
+            &mut registry.agents
+        } else {
+            &mut registry.services
+        };
+        map.insert((*name).to_owned(), entry);
+    }
+    registry
+}
+
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A managed sidecar's listeners.
+pub struct Sidecar {
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// Starts a managed sidecar for `id` (joined to `cp` with a fresh token) in process, listening on
+/// free ports, with `extra` arguments; it panics if it ever fails.
+pub fn spawn_sidecar(cp: &FakeControlPlane, id: &str, extra: &[String]) -> Sidecar {
+    let token = cp.token(id).expose();
+    let s = Sidecar {
+        outbound: free_addr(),
+        inbound: free_addr(),
+        admin: free_addr(),
+    };
+    let mut argv: Vec<String> = [
+        "mandate-proxy",
+        "--control-plane",
+        &cp.url(),
+        "--join-token",
+        &token,
+        "--outbound",
+        &s.outbound.to_string(),
+        "--inbound",
+        &s.inbound.to_string(),
+        "--admin",
+        &s.admin.to_string(),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    argv.extend_from_slice(extra);
+    let config = Config::from_args(Args::parse_from(argv)).unwrap();
+    tokio::spawn(async move {
+        if let Err(e) = mandate_proxy::run(config).await {
+            panic!("sidecar failed: {e:#}");
+        }
+    });
+    s
 }
