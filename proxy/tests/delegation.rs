@@ -75,6 +75,15 @@ struct Answer {
     body: Value,
 }
 
+impl Answer {
+    /// The refusal's `reason`; panics (showing the body) when there is none.
+    fn reason(&self) -> &str {
+        self.body["reason"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no reason in {}", self.body))
+    }
+}
+
 /// An HTTP/1.1 request to `to` with `host`, headers and an optional JSON body.
 async fn call(
     to: SocketAddr,
@@ -115,6 +124,19 @@ async fn call(
         headers,
         body,
     }
+}
+
+/// A GET of `path` from `host` through `to`, presenting delegation token `token`.
+async fn get_delegated(to: SocketAddr, host: &str, path: &str, token: &str) -> Answer {
+    call(
+        to,
+        "GET",
+        host,
+        path,
+        &[("x-mandate-delegation", token)],
+        None,
+    )
+    .await
 }
 
 fn metric(text: &str, line_start: &str) -> f64 {
@@ -234,22 +256,11 @@ async fn delegation_exchange_and_approval_through_managed_sidecars() {
     let mut tampered = token.clone();
     let last = tampered.pop().unwrap();
     tampered.push(if last == 'A' { 'B' } else { 'A' });
-    let bad = call(
-        a.outbound,
-        "GET",
-        "tool",
-        "/x",
-        &[("x-mandate-delegation", &tampered)],
-        None,
-    )
-    .await;
+    let bad = get_delegated(a.outbound, "tool", "/x", &tampered).await;
     assert_eq!(bad.status, 403, "{}", bad.body);
     assert_eq!(bad.body["error"], "delegation_refused");
     assert!(
-        bad.body["reason"]
-            .as_str()
-            .unwrap()
-            .starts_with("delegation refused: "),
+        bad.reason().starts_with("delegation refused: "),
         "{}",
         bad.body
     );
@@ -278,15 +289,7 @@ async fn delegation_exchange_and_approval_through_managed_sidecars() {
 
     // Agent b, called on alice's behalf, gets its own (exchanged) token; with it, its onward call
     // carries the chain a → b.
-    let at_b = call(
-        a.outbound,
-        "GET",
-        "b",
-        "/work",
-        &[("x-mandate-delegation", &token)],
-        None,
-    )
-    .await;
+    let at_b = get_delegated(a.outbound, "b", "/work", &token).await;
     assert_eq!(at_b.status, 200, "{}", at_b.body);
     assert_eq!(at_b.body["x-mandate-delegation-chain"], A);
     let exchanged = at_b.body["x-mandate-delegation"]
@@ -294,15 +297,7 @@ async fn delegation_exchange_and_approval_through_managed_sidecars() {
         .expect("b's app got a token")
         .to_owned();
     assert_ne!(exchanged, token);
-    let onward = call(
-        b.outbound,
-        "GET",
-        "tool",
-        "/delegated-only",
-        &[("x-mandate-delegation", &exchanged)],
-        None,
-    )
-    .await;
+    let onward = get_delegated(b.outbound, "tool", "/delegated-only", &exchanged).await;
     assert_eq!(onward.status, 200, "{}", onward.body);
     assert_eq!(
         onward.body["x-mandate-delegation-chain"],
@@ -310,34 +305,15 @@ async fn delegation_exchange_and_approval_through_managed_sidecars() {
     );
     assert_eq!(onward.body["x-mandate-on-behalf-of"], "alice@example.com");
     // The original token is a's, bound to a's certificate: useless in b's hands.
-    let stolen = call(
-        b.outbound,
-        "GET",
-        "tool",
-        "/delegated-only",
-        &[("x-mandate-delegation", &token)],
-        None,
-    )
-    .await;
+    let stolen = get_delegated(b.outbound, "tool", "/delegated-only", &token).await;
     assert_eq!(stolen.status, 403);
     assert!(
-        stolen.body["reason"]
-            .as_str()
-            .unwrap()
-            .contains("bound to another certificate"),
+        stolen.reason().contains("bound to another certificate"),
         "{}",
         stolen.body
     );
     // The exchange is cached: a second call on the same token does not ask again.
-    call(
-        a.outbound,
-        "GET",
-        "b",
-        "/work",
-        &[("x-mandate-delegation", &token)],
-        None,
-    )
-    .await;
+    get_delegated(a.outbound, "b", "/work", &token).await;
     assert_eq!(cp.count("/v1/sidecar/delegation/exchange"), 1);
 
     // Approval: asked for, refused while pending, allowed once approved, refused once used.
@@ -348,10 +324,7 @@ async fn delegation_exchange_and_approval_through_managed_sidecars() {
     let approval = asked.body["approval_id"].as_str().unwrap().to_owned();
     assert_eq!(asked.headers["x-mandate-approval-id"], approval.as_str());
     assert!(
-        asked.body["reason"]
-            .as_str()
-            .unwrap()
-            .contains("deleting needs a person"),
+        asked.reason().contains("deleting needs a person"),
         "{}",
         asked.body
     );
@@ -368,10 +341,7 @@ async fn delegation_exchange_and_approval_through_managed_sidecars() {
     assert_eq!(pending.status, 403);
     assert_eq!(pending.body["error"], "denied");
     assert!(
-        pending.body["reason"]
-            .as_str()
-            .unwrap()
-            .ends_with("refused: pending"),
+        pending.reason().ends_with("refused: pending"),
         "{}",
         pending.body
     );
@@ -380,10 +350,7 @@ async fn delegation_exchange_and_approval_through_managed_sidecars() {
     let other = call(a.outbound, "POST", "tool", "/approve-me?x=1", &retry, None).await;
     assert_eq!(other.status, 403);
     assert!(
-        other.body["reason"]
-            .as_str()
-            .unwrap()
-            .contains("does not match this call"),
+        other.reason().contains("does not match this call"),
         "{}",
         other.body
     );
@@ -391,14 +358,7 @@ async fn delegation_exchange_and_approval_through_managed_sidecars() {
     assert_eq!(approved.status, 200, "{}", approved.body);
     let used = call(a.outbound, "POST", "tool", "/approve-me", &retry, None).await;
     assert_eq!(used.status, 403);
-    assert!(
-        used.body["reason"]
-            .as_str()
-            .unwrap()
-            .contains("already used"),
-        "{}",
-        used.body
-    );
+    assert!(used.reason().contains("already used"), "{}", used.body);
     let approved_id = approved.headers["x-mandate-decision-id"]
         .to_str()
         .unwrap()
