@@ -897,14 +897,22 @@ async fn decision_logs(t: &mut Transcript, w: &World) {
     }
 }
 
-/// Shows the control plane's audit log for the agent and checks it holds every decision the calls got.
-async fn audit_log(t: &mut Transcript, w: &World, cp: &ControlPlane) {
-    t.step("What the control plane recorded: the sidecars sent their decisions in batches");
-    // Sidecars send every 200 ms or so; wait until all the expected decisions have arrived.
+/// `mandate audit query <filter> --json`, asked again until `complete` holds of the records (or
+/// [`SETTLE`] has passed: sidecars send their decisions in batches); then shows the table
+/// `mandate audit query <filter>` prints, and returns the records, or `None` after a failed check
+/// when they could not be read.
+async fn audit_records(
+    t: &mut Transcript,
+    cp: &ControlPlane,
+    filter: &[&str],
+    complete: impl Fn(&[Value]) -> bool,
+) -> Option<Vec<Value>> {
+    let query: Vec<&str> = ["audit", "query"].iter().chain(filter).copied().collect();
+    let as_json: Vec<&str> = query.iter().copied().chain(["--json"]).collect();
     let deadline = Instant::now() + SETTLE;
     let records = loop {
         let records = cp
-            .run(&["audit", "query", "--agent", AGENT, "--json"])
+            .run(&as_json)
             .await
             .map_err(|e| e.to_string())
             .and_then(|out| {
@@ -913,17 +921,12 @@ async fn audit_log(t: &mut Transcript, w: &World, cp: &ControlPlane) {
                     .map(|l| serde_json::from_str::<Value>(l).map_err(|e| format!("{e}: {l}")))
                     .collect::<Result<Vec<_>, _>>()
             });
-        let complete = records.as_ref().is_ok_and(|r| {
-            w.expected
-                .iter()
-                .all(|e| r.iter().any(|d| d["decision_id"] == e.decision_id.as_str()))
-        });
-        if complete || Instant::now() >= deadline {
+        if records.as_ref().is_ok_and(|r| complete(r)) || Instant::now() >= deadline {
             break records;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    match operator_ok(t, cp, &["audit", "query", "--agent", AGENT]).await {
+    match operator_ok(t, cp, &query).await {
         Ok(table) => {
             for line in table.lines().filter(|l| !l.trim().is_empty()) {
                 t.info(format!("   {line}"));
@@ -931,12 +934,27 @@ async fn audit_log(t: &mut Transcript, w: &World, cp: &ControlPlane) {
         }
         Err(e) => t.check(false, e.to_string()),
     }
-    let records = match records {
-        Ok(records) => records,
+    match records {
+        Ok(records) => Some(records),
         Err(e) => {
             t.check(false, format!("mandate audit query --json: {e}"));
-            return;
+            None
         }
+    }
+}
+
+/// Shows the control plane's audit log for the agent and checks it holds every decision the calls got.
+async fn audit_log(t: &mut Transcript, w: &World, cp: &ControlPlane) {
+    t.step("What the control plane recorded: the sidecars sent their decisions in batches");
+    // Sidecars send every 200 ms or so; wait until all the expected decisions have arrived.
+    let Some(records) = audit_records(t, cp, &["--agent", AGENT], |r| {
+        w.expected
+            .iter()
+            .all(|e| r.iter().any(|d| d["decision_id"] == e.decision_id.as_str()))
+    })
+    .await
+    else {
+        return;
     };
     for e in &w.expected {
         let verdict = if e.allow { "allow" } else { "deny" };

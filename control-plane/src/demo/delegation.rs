@@ -4,8 +4,6 @@
 //! person's approval is approved with `mandate approve` and allowed once, and the audit log names
 //! who approved it.
 
-use std::time::{Duration, Instant};
-
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
@@ -14,7 +12,7 @@ use super::client::{self, Response};
 use super::operator::ControlPlane;
 use super::sample_tool::SampleTool;
 use super::{
-    AGENT, DemoError, Expected, SETTLE, TOOL_AUTHORITY, Transcript, World, call,
+    AGENT, DemoError, Expected, TOOL_AUTHORITY, Transcript, World, audit_records, call,
     expect_decision_header, operator_ok, tool_saw,
 };
 
@@ -347,43 +345,15 @@ pub async fn audit_approver(t: &mut Transcript, w: &World, d: &Delegation, cp: &
     t.step(format!(
         "Who approved what: mandate audit query --approver {APPROVER}"
     ));
-    let deadline = Instant::now() + SETTLE;
-    let records = loop {
-        let records = cp
-            .run(&["audit", "query", "--approver", APPROVER, "--json"])
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|out| {
-                out.lines()
-                    .filter(|l| !l.trim().is_empty())
-                    .map(|l| serde_json::from_str::<Value>(l).map_err(|e| format!("{e}: {l}")))
-                    .collect::<Result<Vec<_>, _>>()
-            });
-        // Both sidecars record the approved call: the agent's outbound and the tool's inbound.
-        let complete = records.as_ref().is_ok_and(|r| {
-            ["outbound", "inbound"]
-                .iter()
-                .all(|dir| r.iter().any(|d| d["direction"] == *dir))
-        });
-        if complete || Instant::now() >= deadline {
-            break records;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    match operator_ok(t, cp, &["audit", "query", "--approver", APPROVER]).await {
-        Ok(table) => {
-            for line in table.lines().filter(|l| !l.trim().is_empty()) {
-                t.info(format!("   {line}"));
-            }
-        }
-        Err(e) => t.check(false, e.to_string()),
-    }
-    let records = match records {
-        Ok(records) => records,
-        Err(e) => {
-            t.check(false, format!("mandate audit query --json: {e}"));
-            return;
-        }
+    // Both sidecars record the approved call: the agent's outbound and the tool's inbound.
+    let Some(records) = audit_records(t, cp, &["--approver", APPROVER], |r| {
+        ["outbound", "inbound"]
+            .iter()
+            .all(|dir| r.iter().any(|d| d["direction"] == *dir))
+    })
+    .await
+    else {
+        return;
     };
     let grant = d.grant_id.as_deref().unwrap_or("?");
     let agent_record = records.iter().find(|r| r["direction"] == "outbound");
