@@ -37,6 +37,28 @@ pub struct Delegation {
     token: Option<String>,
 }
 
+impl Delegation {
+    /// The token the agent's sidecar fetched, or `None` after a failed check when it has none.
+    fn token(&self, t: &mut Transcript) -> Option<&str> {
+        if self.token.is_none() {
+            t.check(false, "no token to present");
+        }
+        self.token.as_deref()
+    }
+}
+
+/// A GET of `target` from the tool through the agent's sidecar, with `headers`; `None` when no
+/// answer came (a failed check says why).
+async fn agent_get(
+    t: &mut Transcript,
+    w: &World,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> Option<Response> {
+    let sent = client::get(w.agent_outbound, target, TOOL_AUTHORITY, headers);
+    call(t, target, sent).await
+}
+
 /// alice grants the agent a scope narrower than its ceiling, holding one path for approval.
 pub async fn grant(
     t: &mut Transcript,
@@ -145,8 +167,7 @@ pub async fn token(t: &mut Transcript, w: &World, d: &mut Delegation) {
 pub async fn delegated_call(t: &mut Transcript, w: &mut World, d: &Delegation, tool: &SampleTool) {
     let target = format!("http://{TOOL_AUTHORITY}/v1/reports");
     t.step("For alice, the agent reads /v1/reports, presenting the token: inside her grant, so allowed");
-    let Some(token) = d.token.as_deref() else {
-        t.check(false, "no token to present");
+    let Some(token) = d.token(t) else {
         return;
     };
     let forged = "mallory@example.com";
@@ -158,8 +179,7 @@ pub async fn delegated_call(t: &mut Transcript, w: &mut World, d: &Delegation, t
         ("x-mandate-on-behalf-of", forged),
     ];
     let before = tool.requests();
-    let sent = client::get(w.agent_outbound, &target, TOOL_AUTHORITY, &headers);
-    let Some(response) = call(t, &target, sent).await else {
+    let Some(response) = agent_get(t, w, &target, &headers).await else {
         return;
     };
     t.check(response.status == 200, expected_200(&response));
@@ -198,15 +218,13 @@ pub async fn delegated_call(t: &mut Transcript, w: &mut World, d: &Delegation, t
 pub async fn outside_grant(t: &mut Transcript, w: &mut World, d: &Delegation, tool: &SampleTool) {
     let target = format!("http://{TOOL_AUTHORITY}/v1/items");
     t.step("For alice, the agent reads /v1/items: within its ceiling, but not what she granted, so denied");
-    let Some(token) = d.token.as_deref() else {
-        t.check(false, "no token to present");
+    let Some(token) = d.token(t) else {
         return;
     };
     t.info(format!("GET {target}   x-mandate-delegation: <the token>"));
     let before = tool.requests();
     let delegated = [("x-mandate-delegation", token)];
-    let sent = client::get(w.agent_outbound, &target, TOOL_AUTHORITY, &delegated);
-    let Some(response) = call(t, &target, sent).await else {
+    let Some(response) = agent_get(t, w, &target, &delegated).await else {
         return;
     };
     t.info(format!("   {}", response.text().trim()));
@@ -222,8 +240,7 @@ pub async fn outside_grant(t: &mut Transcript, w: &mut World, d: &Delegation, to
 pub async fn tampered(t: &mut Transcript, w: &mut World, d: &Delegation, tool: &SampleTool) {
     let target = format!("http://{TOOL_AUTHORITY}/v1/reports");
     t.step("The same call with one character of the token's claims changed: refused");
-    let Some(token) = d.token.as_deref() else {
-        t.check(false, "no token to present");
+    let Some(token) = d.token(t) else {
         return;
     };
     let forged = change_one_claims_byte(token);
@@ -232,8 +249,7 @@ pub async fn tampered(t: &mut Transcript, w: &mut World, d: &Delegation, tool: &
     ));
     let before = tool.requests();
     let delegated = [("x-mandate-delegation", forged.as_str())];
-    let sent = client::get(w.agent_outbound, &target, TOOL_AUTHORITY, &delegated);
-    let Some(response) = call(t, &target, sent).await else {
+    let Some(response) = agent_get(t, w, &target, &delegated).await else {
         return;
     };
     t.info(format!("   {}", response.text().trim()));
@@ -262,15 +278,13 @@ pub async fn approval(
 ) {
     let target = format!("http://{TOOL_AUTHORITY}/v1/payroll");
     t.step("For alice, the agent reads /v1/payroll: her grant holds it for a person's approval");
-    let Some(token) = d.token.as_deref() else {
-        t.check(false, "no token to present");
+    let Some(token) = d.token(t) else {
         return;
     };
     t.info(format!("GET {target}   x-mandate-delegation: <the token>"));
     let before = tool.requests();
     let delegated = [("x-mandate-delegation", token)];
-    let sent = client::get(w.agent_outbound, &target, TOOL_AUTHORITY, &delegated);
-    let Some(held) = call(t, &target, sent).await else {
+    let Some(held) = agent_get(t, w, &target, &delegated).await else {
         return;
     };
     t.info(format!("   {}", held.text().trim()));
@@ -311,8 +325,7 @@ pub async fn approval(
     t.info(format!(
         "GET {target}   x-mandate-delegation: <the token>   x-mandate-approval: {approval_id}"
     ));
-    let sent = client::get(w.agent_outbound, &target, TOOL_AUTHORITY, &with_approval);
-    let Some(approved) = call(t, &target, sent).await else {
+    let Some(approved) = agent_get(t, w, &target, &with_approval).await else {
         return;
     };
     t.check(approved.status == 200, expected_200(&approved));
@@ -324,8 +337,7 @@ pub async fn approval(
         );
     }
     t.info("the same call, the same approval id, once more:");
-    let sent = client::get(w.agent_outbound, &target, TOOL_AUTHORITY, &with_approval);
-    let Some(again) = call(t, &target, sent).await else {
+    let Some(again) = agent_get(t, w, &target, &with_approval).await else {
         return;
     };
     t.info(format!("   {}", again.text().trim()));
