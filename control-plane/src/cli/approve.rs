@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::client::{ApiRequest, Client, ServerArgs, segment};
-use super::table::{Table, clean};
+use super::table::{Table, clean, or_dash, short_id};
 
 /// How many pending approvals `--pending` asks for (the server's maximum is larger).
 const PENDING_LIMIT: u32 = 1000;
@@ -136,13 +136,6 @@ pub async fn run(args: &ApproveArgs, client: &Client, out: &mut impl Write) -> a
     Ok(())
 }
 
-/// `spiffe://td/agent/x` → `agent/x`; anything else as it is.
-fn short_id(id: &str) -> &str {
-    id.strip_prefix("spiffe://")
-        .and_then(|rest| rest.split_once('/'))
-        .map_or(id, |(_, path)| path)
-}
-
 /// What was decided, for the operator.
 pub fn decided_text(a: &Approval) -> String {
     let verb = match a.status.as_str() {
@@ -192,7 +185,7 @@ pub fn pending_table(approvals: &[Approval]) -> String {
             short_id(&a.agent).to_owned(),
             a.action.clone(),
             a.reason.clone(),
-            a.subject.clone().unwrap_or_else(|| "-".to_owned()),
+            or_dash(a.subject.as_ref()),
             a.requested_at.clone(),
             a.expires_at.clone(),
         ]);

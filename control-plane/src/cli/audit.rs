@@ -13,7 +13,7 @@ use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 
 use super::client::{ApiRequest, Client, ServerArgs};
-use super::table::Table;
+use super::table::{Table, or_dash, short_id};
 
 /// Arguments of `mandate audit`: the server options and a verb.
 #[derive(Debug, Args)]
@@ -179,13 +179,6 @@ pub fn main(args: AuditArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// `spiffe://td/agent/x` → `agent/x`; anything else as it is.
-fn short_id(id: &str) -> &str {
-    id.strip_prefix("spiffe://")
-        .and_then(|rest| rest.split_once('/'))
-        .map_or(id, |(_, path)| path)
-}
-
 /// What was called: `METHOD /path`, `mcp tools/call TOOL`, or `tcp`.
 fn call(r: &DecisionRecord) -> String {
     if let Some(mcp) = &r.mcp {
@@ -219,7 +212,6 @@ pub fn table(records: &[DecisionRecord]) -> String {
         "REASON",
         "POLICY",
     ]);
-    let or_dash = |v: Option<&String>| v.cloned().unwrap_or_else(|| "-".to_owned());
     for r in records {
         let verdict = if r.allow { "allow" } else { "deny" };
         t.row([
@@ -236,7 +228,7 @@ pub fn table(records: &[DecisionRecord]) -> String {
             format!("{}:{}", r.destination.host, r.destination.port),
             call(r),
             r.reason.clone(),
-            r.policy_version.clone().unwrap_or_else(|| "-".to_owned()),
+            or_dash(r.policy_version.as_ref()),
         ]);
     }
     t.render()
@@ -381,12 +373,5 @@ mod tests {
              2026-03-01T12:00:00Z  deny (dry-run)  agent/research  alice    g1     bob       tool:8080    mcp tools/call search  not in ceiling  -\n\
              2026-03-01T12:00:00Z  deny            agent/research  -        -      -         tool:8080    tcp                    db\\u{1b}        -\n"
         );
-    }
-
-    #[test]
-    fn short_ids_drop_the_scheme_and_trust_domain() {
-        assert_eq!(short_id("spiffe://td/service/tool"), "service/tool");
-        assert_eq!(short_id("spiffe://td"), "spiffe://td");
-        assert_eq!(short_id("weird"), "weird");
     }
 }

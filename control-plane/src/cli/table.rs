@@ -30,6 +30,18 @@ pub fn clean_lines(s: &str, indent: &str) -> String {
         .join(&format!("\n{indent}"))
 }
 
+/// `spiffe://td/agent/x` → `agent/x`; anything else as it is.
+pub fn short_id(id: &str) -> &str {
+    id.strip_prefix("spiffe://")
+        .and_then(|rest| rest.split_once('/'))
+        .map_or(id, |(_, path)| path)
+}
+
+/// The value, or `-` for a cell with none.
+pub fn or_dash(v: Option<&String>) -> String {
+    v.cloned().unwrap_or_else(|| "-".to_owned())
+}
+
 /// A table with a header row; columns are as wide as their widest cell, two spaces apart.
 #[derive(Debug)]
 pub struct Table {
@@ -86,6 +98,13 @@ pub fn prefix(s: &str, n: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_ids_drop_the_scheme_and_trust_domain() {
+        assert_eq!(short_id("spiffe://td/service/tool"), "service/tool");
+        assert_eq!(short_id("spiffe://td"), "spiffe://td");
+        assert_eq!(short_id("weird"), "weird");
+    }
 
     #[test]
     fn columns_align_to_the_widest_cell_without_trailing_spaces() {
