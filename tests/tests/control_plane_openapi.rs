@@ -38,33 +38,55 @@ async fn schemathesis_finds_no_server_errors_and_no_schema_violations() {
         let cp = env.control_plane("cp").spawn().await?;
         // Something to find, so reads and state changes meet real rows too.
         cp.register_agent("research", r#"[{"host": "tool"}]"#).await?;
-        let out = tokio::process::Command::new(&st)
-            .arg("run")
-            .arg(format!("{}/openapi.json", cp.url()))
-            .args(["--tls-verify", "false"])
-            .args(["--header", &format!("Authorization: Bearer {}", cp.admin_token())])
-            .args([
-                "--checks",
-                "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
-            ])
-            .args(["--max-examples", "25", "--seed", "1", "--workers", "2", "--no-color"])
-            .args(["--request-timeout", "10"])
-            .env("SCHEMATHESIS_HOOKS", "")
-            .current_dir(env.dir())
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .output()
-            .await?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        anyhow::ensure!(
-            out.status.success(),
-            "schemathesis found problems ({}):\n{stdout}\n{stderr}\n--- control plane log ---\n{}",
-            out.status,
-            cp.logs()
-        );
+        // schemathesis (through hypothesis) now and then trips over CPython 3.11's own parser
+        // while describing a lambda ("AST constructor recursion depth mismatch"): an error inside
+        // the tool, reported under ERRORS, not a finding about the API. Such a run is repeated
+        // once; a run with FAILURES is never excused.
+        let mut attempt = 1;
+        let stdout = loop {
+            let out = run_schemathesis(&st, &cp, env.dir()).await?;
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if out.status.success() {
+                break stdout;
+            }
+            let tool_error_only = !stdout.contains("FAILURES") && stdout.contains("Runtime Error");
+            anyhow::ensure!(
+                tool_error_only && attempt == 1,
+                "schemathesis found problems ({}):\n{stdout}\n{stderr}\n--- control plane log ---\n{}",
+                out.status,
+                cp.logs()
+            );
+            println!("schemathesis had an internal error (not a finding about the API); running it again");
+            attempt += 1;
+        };
         println!("{stdout}");
         Ok(())
     })
     .await;
+}
+
+/// One schemathesis run against the control plane's `/openapi.json`, as the admin.
+async fn run_schemathesis(
+    st: &std::path::Path,
+    cp: &mandate_e2e::ControlPlane,
+    dir: &std::path::Path,
+) -> anyhow::Result<std::process::Output> {
+    Ok(tokio::process::Command::new(st)
+        .arg("run")
+        .arg(format!("{}/openapi.json", cp.url()))
+        .args(["--tls-verify", "false"])
+        .args(["--header", &format!("Authorization: Bearer {}", cp.admin_token())])
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+        ])
+        .args(["--max-examples", "25", "--seed", "1", "--workers", "2", "--no-color"])
+        .args(["--request-timeout", "10"])
+        .env("SCHEMATHESIS_HOOKS", "")
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await?)
 }
