@@ -175,6 +175,11 @@ impl ControlPlane {
         self.listen
     }
 
+    /// The `--metrics` listener (`/metrics`, `/readyz`).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics
+    }
+
     /// The trust bundle `mandate serve` writes into its data directory.
     pub fn ca_pem(&self) -> PathBuf {
         self.data_dir.join("ca.pem")

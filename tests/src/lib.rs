@@ -13,6 +13,7 @@ pub mod pki;
 pub mod policy;
 pub mod ports;
 pub mod postgres;
+pub mod prometheus;
 pub mod python;
 pub mod sidecar;
 
