@@ -117,6 +117,10 @@ pub struct ServeArgs {
     /// How long a grant lasts when `mandate grant create` gives no --ttl (10s to 24h), e.g. 15m.
     #[arg(long, value_name = "DURATION", env = "MANDATE_GRANT_TTL", default_value = "15m", value_parser = parse_duration)]
     pub grant_ttl: Duration,
+    /// How often, at most, the audit chain's head is signed as a checkpoint when new decisions
+    /// arrived (1s to 1h); a checkpoint is also made once 1000 records arrived since the last.
+    #[arg(long, value_name = "DURATION", env = "MANDATE_AUDIT_CHECKPOINT_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub audit_checkpoint_interval: Duration,
 }
 
 /// Parses `90s`, `15m`, `1h`, … refusing zero.
@@ -179,6 +183,9 @@ pub enum ConfigError {
     /// `--approval-ttl` out of range.
     #[error("--approval-ttl must be between 10s and 24h")]
     ApprovalTtl,
+    /// `--audit-checkpoint-interval` out of range.
+    #[error("--audit-checkpoint-interval must be between 1s and 1h")]
+    AuditCheckpointInterval,
     /// `--listen` and `--metrics` are the same address.
     #[error("--listen and --metrics must be different addresses")]
     SameAddress,
@@ -255,6 +262,8 @@ pub struct ServeConfig {
     pub approval_ttl: Duration,
     /// Delegation token lifetime, key rotation and default grant lifetime.
     pub delegation: crate::delegation::DelegationConfig,
+    /// Longest time between audit checkpoints while decisions arrive.
+    pub audit_checkpoint_interval: Duration,
 }
 
 impl ServeConfig {
@@ -304,6 +313,11 @@ impl ServeConfig {
         if !(MIN_GRANT_TTL..=crate::grants::MAX_GRANT_TTL).contains(&args.grant_ttl) {
             return Err(ConfigError::GrantTtl);
         }
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600))
+            .contains(&args.audit_checkpoint_interval)
+        {
+            return Err(ConfigError::AuditCheckpointInterval);
+        }
         if args.listen == args.metrics {
             return Err(ConfigError::SameAddress);
         }
@@ -325,6 +339,7 @@ impl ServeConfig {
                 },
                 grant_ttl: args.grant_ttl,
             },
+            audit_checkpoint_interval: args.audit_checkpoint_interval,
         })
     }
 }
@@ -445,6 +460,10 @@ mod tests {
         assert!(err(&["--svid-ttl", "10s"], &no_env).contains("--svid-ttl"));
         assert!(err(&["--approval-ttl", "5s"], &no_env).contains("--approval-ttl"));
         assert!(err(&["--approval-ttl", "25h"], &no_env).contains("--approval-ttl"));
+        assert!(
+            err(&["--audit-checkpoint-interval", "2h"], &no_env)
+                .contains("--audit-checkpoint-interval")
+        );
         for (flag, value) in [
             ("--delegation-token-ttl", "5s"),
             ("--delegation-token-ttl", "2h"),

@@ -2,6 +2,7 @@
 //! the push stream to sidecars, decision ingest and the HTTP API — for the `mandate` binary.
 
 pub mod api;
+pub mod audit;
 pub mod bundles;
 pub mod ca;
 pub mod config;

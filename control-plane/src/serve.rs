@@ -150,6 +150,12 @@ pub async fn serve(
     let background = TaskTracker::new();
     background.spawn(hub.clone().follow(store.clone()));
     background.spawn(delegation.clone().maintain(cancel.child_token()));
+    background.spawn(crate::audit::maintain_checkpoints(
+        store.clone(),
+        ca.clone(),
+        config.audit_checkpoint_interval,
+        cancel.child_token(),
+    ));
     background.spawn(own.clone().renew_at_half_life(
         ca.clone(),
         config.svid_ttl,

@@ -2,6 +2,7 @@
 //! join token), decision queries, and the OpenAPI document describing all of them.
 
 pub mod approvals;
+pub mod audit;
 pub mod error;
 pub mod extract;
 pub mod grants;
@@ -145,6 +146,7 @@ fn routes() -> Routes {
     }
     r = approvals::add_routes(r);
     r = grants::add_routes(r);
+    r = audit::add_routes(r);
     r.add(
         Method::POST,
         "/v1/policies",

@@ -1,6 +1,9 @@
-//! `mandate audit query`: the decisions sidecars reported, through `GET /v1/decisions`.
+//! `mandate audit query`: the decisions sidecars reported, through `GET /v1/decisions`; `mandate
+//! audit verify|export|tail`: the hash-chained audit log, through `GET /v1/audit/verify` and
+//! `GET /v1/audit/records` (and `verify --file`: an export, offline, with the CA certificate).
 
-use std::io::Write;
+use std::io::{BufRead as _, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -14,6 +17,8 @@ use time::{OffsetDateTime, UtcOffset};
 
 use super::client::{ApiRequest, Client, ServerArgs};
 use super::table::{Table, or_dash, short_id};
+use mandate_control_plane::api::audit::{AuditPage, VerifyReport};
+use mandate_control_plane::audit::{Entry, TrustKeys, Verifier};
 
 /// Arguments of `mandate audit`: the server options and a verb.
 #[derive(Debug, Args)]
@@ -31,6 +36,46 @@ pub struct AuditArgs {
 pub enum AuditCommand {
     /// Search the recorded decisions, newest first.
     Query(QueryArgs),
+    /// Verify the audit log's hash chain and signed checkpoints (the server's, or an export's
+    /// offline with --file and --ca-cert); names the first record altered, inserted or removed.
+    Verify(VerifyArgs),
+    /// Write the audit log as JSON lines (records with seq, prev_hash and hash, and the signed
+    /// checkpoints), for `mandate audit verify --file`.
+    Export(ExportArgs),
+    /// Print decisions as they are recorded, until interrupted.
+    Tail(TailArgs),
+}
+
+/// Arguments of `mandate audit verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Verify this export (`mandate audit export`) offline, against the CA certificate given
+    /// with --ca-cert, instead of the server's log.
+    #[arg(long, value_name = "EXPORT")]
+    pub file: Option<PathBuf>,
+}
+
+/// Arguments of `mandate audit export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// From the first record of a decision taken at this time or later: RFC 3339, or a duration
+    /// ago such as 15m, 2h or 7d [default: the whole log].
+    #[arg(long, value_name = "TIME|DURATION", value_parser = parse_since, conflicts_with = "from_seq")]
+    pub since: Option<String>,
+    /// From this sequence number.
+    #[arg(long, value_name = "SEQ", value_parser = clap::value_parser!(u64).range(1..))]
+    pub from_seq: Option<u64>,
+}
+
+/// Arguments of `mandate audit tail`.
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// Start at this sequence number [default: only decisions recorded from now on].
+    #[arg(long, value_name = "SEQ", value_parser = clap::value_parser!(u64).range(1..))]
+    pub from_seq: Option<u64>,
+    /// Print each chained record as a JSON line instead of table lines.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The verdict to filter on.
@@ -157,7 +202,12 @@ pub fn request(q: &QueryArgs) -> ApiRequest {
 
 /// Runs `mandate audit …`.
 pub fn main(args: AuditArgs) -> anyhow::Result<ExitCode> {
-    let AuditCommand::Query(q) = &args.command;
+    let q = match &args.command {
+        AuditCommand::Query(q) => q,
+        AuditCommand::Verify(v) => return verify(&args.server, v),
+        AuditCommand::Export(e) => return export(&args.server, e),
+        AuditCommand::Tail(t) => return tail(&args.server, t),
+    };
     let client = Client::from_args(&args.server)?;
     super::block_on(async {
         let answer: Decisions = client.call(&request(q)).await?;
@@ -176,6 +226,163 @@ pub fn main(args: AuditArgs) -> anyhow::Result<ExitCode> {
             write!(out, "{}", table(&records))?;
         }
         Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// How often `mandate audit tail` asks for new records.
+const TAIL_POLL: Duration = Duration::from_millis(500);
+/// Records per `GET /v1/audit/records` page.
+const PAGE: u32 = 5_000;
+
+fn verify(server: &ServerArgs, v: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    let Some(file) = &v.file else {
+        let client = Client::from_args(server)?;
+        let report: VerifyReport = super::block_on(async {
+            Ok(client.call(&ApiRequest::get("/v1/audit/verify")).await?)
+        })?;
+        return Ok(if report.ok {
+            println!("{}", report.summary);
+            ExitCode::SUCCESS
+        } else {
+            eprintln!("{}", report.summary);
+            ExitCode::FAILURE
+        });
+    };
+    let ca = server.ca_cert.as_ref().context(
+        "verifying an export needs the control plane's CA certificate: give --ca-cert FILE",
+    )?;
+    let pem = std::fs::read_to_string(ca)
+        .with_context(|| format!("cannot read the CA certificate {}", ca.display()))?;
+    let keys = TrustKeys::from_pem(&pem).map_err(|e| anyhow::anyhow!("{}: {e}", ca.display()))?;
+    let reader = std::io::BufReader::new(
+        std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
+    );
+    match verify_lines(keys, reader.lines()) {
+        Ok(summary) => {
+            println!("{summary}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(why) => {
+            eprintln!("{}: audit chain broken: {why}", file.display());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// Verifies the lines of an export; the summary, or where it breaks.
+pub fn verify_lines(
+    keys: TrustKeys,
+    lines: impl Iterator<Item = std::io::Result<String>>,
+) -> Result<String, String> {
+    let mut verifier: Option<Verifier> = None;
+    for (n, line) in lines.enumerate() {
+        let line = line.map_err(|e| format!("reading line {}: {e}", n + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let entry: Entry = serde_json::from_str(&line)
+            .map_err(|e| format!("line {} is not an audit export entry: {e}", n + 1))?;
+        let v = verifier.get_or_insert_with(|| {
+            let first = match &entry {
+                Entry::Record(r) => r.seq,
+                Entry::Checkpoint(c) => c.seq + 1,
+            };
+            Verifier::starting_at(keys.clone(), first)
+        });
+        v.entry(&entry).map_err(|f| f.message)?;
+    }
+    let v = verifier.unwrap_or_else(|| Verifier::new(keys));
+    Ok(v.summary())
+}
+
+fn export(server: &ServerArgs, e: &ExportArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::from_args(server)?;
+    super::block_on(async {
+        let out = &mut std::io::BufWriter::new(std::io::stdout().lock());
+        let mut req = ApiRequest::get("/v1/audit/records").query("limit", PAGE.to_string());
+        req = match (&e.since, e.from_seq) {
+            (Some(since), _) => req.query("since", since.clone()),
+            (None, seq) => req.query("from_seq", seq.unwrap_or(1).to_string()),
+        };
+        loop {
+            let page: AuditPage = client.call(&req).await?;
+            for entry in &page.entries {
+                writeln!(out, "{}", serde_json::to_string(entry)?)?;
+            }
+            if !page.entries.iter().any(|e| matches!(e, Entry::Record(_))) {
+                break;
+            }
+            req = ApiRequest::get("/v1/audit/records")
+                .query("limit", PAGE.to_string())
+                .query("from_seq", page.next_seq.to_string());
+        }
+        out.flush()?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn tail(server: &ServerArgs, t: &TailArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::from_args(server)?;
+    super::block_on(async {
+        let mut from = match t.from_seq {
+            Some(seq) => seq,
+            None => {
+                let req = ApiRequest::get("/v1/audit/records")
+                    .query("limit", "1")
+                    .query("from_seq", i64::MAX.to_string());
+                let page: AuditPage = client.call(&req).await?;
+                page.head.seq + 1
+            }
+        };
+        let mut header = !t.json;
+        let mut failing = false;
+        loop {
+            let req = ApiRequest::get("/v1/audit/records")
+                .query("limit", PAGE.to_string())
+                .query("from_seq", from.to_string());
+            match client.call::<AuditPage>(&req).await {
+                Ok(page) => {
+                    failing = false;
+                    let out = &mut std::io::stdout().lock();
+                    let records: Vec<_> = page
+                        .entries
+                        .into_iter()
+                        .filter_map(|e| match e {
+                            Entry::Record(r) => Some(r),
+                            Entry::Checkpoint(_) => None,
+                        })
+                        .collect();
+                    if !records.is_empty() {
+                        from = page.next_seq;
+                        if t.json {
+                            for r in &records {
+                                writeln!(out, "{}", serde_json::to_string(r)?)?;
+                            }
+                        } else {
+                            let decisions: Vec<DecisionRecord> = records
+                                .into_iter()
+                                .filter_map(|r| serde_json::from_value(r.record).ok())
+                                .collect();
+                            let text = table(&decisions);
+                            let skip = usize::from(!header);
+                            for line in text.lines().skip(skip) {
+                                writeln!(out, "{line}")?;
+                            }
+                            header = false;
+                        }
+                        out.flush()?;
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    if !failing {
+                        eprintln!("mandate audit tail: {e} (retrying)");
+                    }
+                    failing = true;
+                }
+            }
+            tokio::time::sleep(TAIL_POLL).await;
+        }
     })
 }
 

@@ -205,7 +205,9 @@ mod tests {
         .unwrap() else {
             panic!("not audit");
         };
-        let AuditCommand::Query(q) = a.command;
+        let AuditCommand::Query(q) = a.command else {
+            panic!("not audit query");
+        };
         assert_eq!(q.agent.as_deref(), Some("research"));
         assert_eq!(q.result, Some(Verdict::Allow));
         assert!(q.since.unwrap().ends_with('Z'));

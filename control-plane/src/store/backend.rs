@@ -113,6 +113,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "approvals",
         include_str!("../../migrations/0004_approvals.sql"),
     ),
+    (
+        5,
+        "audit chain",
+        include_str!("../../migrations/0005_audit_chain.sql"),
+    ),
 ];
 
 #[derive(Debug)]

@@ -1,5 +1,7 @@
-//! Decision ingest (idempotent by decision_id, batched) and the audit query.
+//! Decision ingest (idempotent by decision_id, batched, appended to the audit hash chain) and the
+//! audit query.
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
 
 use time::OffsetDateTime;
@@ -9,9 +11,9 @@ use super::backend::{BeginWrite as _, Pool, on_pool};
 use super::{DecisionQuery, DecisionRecord, IngestResult, Store, StoreError};
 
 /// Columns bound per decision row.
-const COLUMNS_PER_ROW: usize = 12;
+const COLUMNS_PER_ROW: usize = 15;
 
-/// Rows per INSERT statement: 12 × 1,000 = 12,000 parameters, under SQLite's 32,766 (and
+/// Rows per INSERT statement: 15 × 1,000 = 15,000 parameters, under SQLite's 32,766 (and
 /// PostgreSQL's 65,535), and large enough that per-statement costs vanish.
 const ROWS_PER_STATEMENT: usize = 1_000;
 const _: () = assert!(ROWS_PER_STATEMENT * COLUMNS_PER_ROW <= 32_766);
@@ -28,6 +30,7 @@ struct Row {
     allow: i64,
     approval_id: Option<String>,
     approved_by: Option<String>,
+    /// The record's canonical JSON (sorted keys, no whitespace), as stored and hashed.
     record: String,
 }
 
@@ -50,10 +53,12 @@ impl Row {
             allow: i64::from(record.allow),
             approval_id: record.approval.as_ref().map(|a| a.id.clone()),
             approved_by: record.approval.as_ref().map(|a| a.approved_by.clone()),
-            record: serde_json::to_string(record).map_err(|e| StoreError::Invalid {
-                what: format!("decision {}", record.decision_id),
-                why: e.to_string(),
-            })?,
+            record: crate::audit::canonical(&serde_json::to_value(record).map_err(|e| {
+                StoreError::Invalid {
+                    what: format!("decision {}", record.decision_id),
+                    why: e.to_string(),
+                }
+            })?),
         })
     }
 }
@@ -80,12 +85,13 @@ enum Placeholders {
     Anonymous,
 }
 
-/// `INSERT … VALUES (…), (…) ON CONFLICT (decision_id) DO NOTHING` for `rows` rows.
+/// `INSERT … VALUES (…), (…)` for `rows` rows (all new: ingest checked first, under the chain
+/// head's lock, which ids are stored already).
 fn insert_sql(rows: usize, placeholders: Placeholders) -> String {
-    let mut sql = String::with_capacity(180 + rows * 80);
+    let mut sql = String::with_capacity(200 + rows * 100);
     sql.push_str(
         "INSERT INTO decisions (decision_id, ts, ts_ms, source, subject, grant_id, tool, allow, \
-         approval_id, approved_by, reported_by, record) VALUES ",
+         approval_id, approved_by, reported_by, record, seq, prev_hash, hash) VALUES ",
     );
     for row in 0..rows {
         if row > 0 {
@@ -105,8 +111,43 @@ fn insert_sql(rows: usize, placeholders: Placeholders) -> String {
         }
         sql.push(')');
     }
-    sql.push_str(" ON CONFLICT (decision_id) DO NOTHING");
     sql
+}
+
+/// `SELECT decision_id FROM decisions WHERE decision_id IN (…)` for `ids` ids.
+fn existing_sql(ids: usize, placeholders: Placeholders) -> String {
+    let mut sql = String::with_capacity(64 + ids * 6);
+    sql.push_str("SELECT decision_id FROM decisions WHERE decision_id IN (");
+    for i in 0..ids {
+        if i > 0 {
+            sql.push(',');
+        }
+        match placeholders {
+            Placeholders::Numbered => {
+                let _ = write!(sql, "${}", i + 1);
+            }
+            Placeholders::Anonymous => sql.push('?'),
+        }
+    }
+    sql.push(')');
+    sql
+}
+
+/// Reading the chain head in a write transaction: PostgreSQL locks the row (replicas append one
+/// at a time); SQLite's BEGIN IMMEDIATE already holds the database's only write lock.
+pub(super) fn head_sql(postgres: bool) -> &'static str {
+    if postgres {
+        "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE"
+    } else {
+        "SELECT seq, hash FROM audit_head WHERE id = 1"
+    }
+}
+
+/// A row's place in the chain.
+struct Link {
+    seq: i64,
+    prev_hash: String,
+    hash: String,
 }
 
 /// A bound value of a decision query.
@@ -139,13 +180,38 @@ impl Store {
             Pool::Sqlite(_) => Placeholders::Anonymous,
             Pool::Postgres(_) => Placeholders::Numbered,
         };
+        let head = head_sql(placeholders == Placeholders::Numbered);
         let accepted = on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
-            let mut accepted = 0u64;
+            let (mut seq, mut hash): (i64, String) = sqlx::query_as(head).fetch_one(&mut *tx).await?;
+            // Under the head's lock no other ingest can store these ids before we commit.
+            let mut stored: HashSet<String> = HashSet::new();
             for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                let sql = existing_sql(chunk.len(), placeholders);
+                let mut query = sqlx::query_scalar::<_, String>(&sql);
+                for row in chunk {
+                    query = query.bind(&row.decision_id);
+                }
+                stored.extend(query.fetch_all(&mut *tx).await?);
+            }
+            let mut fresh = Vec::with_capacity(rows.len());
+            for row in &rows {
+                // The first of repeated ids in a batch wins; stored ids are duplicates.
+                if stored.insert(row.decision_id.clone()) {
+                    seq += 1;
+                    let seq_u = u64::try_from(seq).unwrap_or_default();
+                    let next = crate::audit::chain_hash(
+                        &hash,
+                        &crate::audit::canonical_entry_raw(seq_u, &row.decision_id, reported_by, &row.record),
+                    );
+                    let prev_hash = std::mem::replace(&mut hash, next.clone());
+                    fresh.push((row, Link { seq, prev_hash, hash: next }));
+                }
+            }
+            for chunk in fresh.chunks(ROWS_PER_STATEMENT) {
                 let sql = insert_sql(chunk.len(), placeholders);
                 let mut query = sqlx::query(&sql);
-                for row in chunk {
+                for (row, link) in chunk {
                     query = query
                         .bind(&row.decision_id)
                         .bind(&row.ts)
@@ -158,12 +224,22 @@ impl Store {
                         .bind(&row.approval_id)
                         .bind(&row.approved_by)
                         .bind(reported_by)
-                        .bind(&row.record);
+                        .bind(&row.record)
+                        .bind(link.seq)
+                        .bind(&link.prev_hash)
+                        .bind(&link.hash);
                 }
-                accepted += query.execute(&mut *tx).await?.rows_affected();
+                query.execute(&mut *tx).await?;
+            }
+            if !fresh.is_empty() {
+                sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+                    .bind(seq)
+                    .bind(&hash)
+                    .execute(&mut *tx)
+                    .await?;
             }
             tx.commit().await?;
-            accepted
+            fresh.len() as u64
         });
         Ok(IngestResult {
             accepted,
@@ -246,19 +322,19 @@ mod tests {
         let sql = insert_sql(2, Placeholders::Numbered);
         assert!(
             sql.ends_with(
-                "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12),\
-                 ($13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$23,$24) \
-                 ON CONFLICT (decision_id) DO NOTHING"
+                "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15),\
+                 ($16,$17,$18,$19,$20,$21,$22,$23,$24,$25,$26,$27,$28,$29,$30)"
             ),
             "{sql}"
         );
         let sql = insert_sql(2, Placeholders::Anonymous);
         assert!(
-            sql.ends_with(
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?),(?,?,?,?,?,?,?,?,?,?,?,?) \
-                 ON CONFLICT (decision_id) DO NOTHING"
-            ),
+            sql.ends_with("VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?),(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"),
             "{sql}"
+        );
+        assert!(
+            existing_sql(3, Placeholders::Numbered).ends_with("IN ($1,$2,$3)")
+                && existing_sql(2, Placeholders::Anonymous).ends_with("IN (?,?)")
         );
     }
 

@@ -7,6 +7,7 @@
 //! PostgreSQL, through `NOTIFY mandate_changes` (sent in the writing transaction) for the others'.
 
 mod approvals;
+mod audit;
 mod backend;
 mod bundles;
 mod decisions;
@@ -28,6 +29,7 @@ pub use mandate_wire::{
 pub use approvals::{
     Approval, ApprovalRefusal, ApprovalStatus, NewApproval, Verdict, ms_to_rfc3339,
 };
+pub use audit::ChainHead;
 use backend::Pool;
 pub use grants::{Grant, GrantQuery, GrantStatus, NewGrant, StoredDelegationKey, ms_rfc3339};
 
@@ -374,13 +376,21 @@ impl Store {
                 (pool, Some(listener))
             }
         };
-        Ok(Store {
+        let store = Store {
             inner: Arc::new(Inner {
                 pool,
                 changes,
                 listener,
             }),
-        })
+        };
+        let chained = store.backfill_audit_chain().await?;
+        if chained > 0 {
+            tracing::info!(
+                decisions = chained,
+                "chained the decisions stored before the audit chain existed"
+            );
+        }
+        Ok(store)
     }
 
     /// Changes from this replica's writes and (PostgreSQL) the other replicas'. A change may be
