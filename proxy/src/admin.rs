@@ -76,6 +76,7 @@ impl Admin {
                 rendered["mode"] = json!("managed");
                 rendered["control_plane"] = json!(managed.control_plane.to_string());
                 rendered["state_dir"] = json!(managed.state_dir);
+                rendered["spool"] = json!(managed.spool);
                 // The join token is a secret: say only whether one was given.
                 rendered["join_token"] = json!(if managed.join_token.is_some() {
                     "given (not shown)"

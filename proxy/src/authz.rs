@@ -31,7 +31,7 @@ use crate::mcp::{self, Call, Rpc};
 use crate::metrics::{Direction, Metrics};
 use crate::policy::PolicyStore;
 use crate::sync::client::ClientError;
-use crate::sync::report::DecisionQueue;
+use crate::sync::report::Reporter;
 
 /// Response header naming the decision.
 pub static DECISION_ID: HeaderName = HeaderName::from_static("x-mandate-decision-id");
@@ -157,8 +157,8 @@ impl Credentials {
 pub struct Recorders {
     /// The standalone decision log (`--decision-log`).
     pub log: Option<DecisionLog>,
-    /// The queue of batches to the control plane (managed mode).
-    pub control_plane: Option<DecisionQueue>,
+    /// The spool to the control plane (managed mode).
+    pub control_plane: Option<Reporter>,
 }
 
 /// Decides and records calls against the policy in force.
@@ -318,6 +318,9 @@ impl Authorizer {
         source: &SpiffeId,
         destination: Destination<'_>,
     ) -> Decision {
+        if let Some(refused) = self.spool_refusal(direction, destination) {
+            return refused;
+        }
         let facts = CallFacts {
             direction,
             source,
@@ -357,6 +360,10 @@ impl Authorizer {
         body: Incoming,
         credentials: &Credentials,
     ) -> Result<(ProxyBody, AuthorizedHttp), Response<ProxyBody>> {
+        if let Some(refused) = self.spool_refusal(direction, destination) {
+            let body = json!({"error": refused.error, "reason": refused.reason});
+            return Err(json_response(StatusCode::SERVICE_UNAVAILABLE, &body));
+        }
         let delegation = credentials.verified();
         let summary = summarize(
             &CallFacts {
@@ -679,6 +686,9 @@ impl Authorizer {
             mcp: None,
             delegation: None,
         };
+        if let Some(refused) = self.spool_refusal(direction, destination) {
+            return refused;
+        }
         let decision = self.refusal(direction, reason);
         self.record(
             &summarize(&facts, parts),
@@ -698,6 +708,29 @@ impl Authorizer {
         for (d, mcp) in call.decisions {
             self.record(&call.summary, &d, mcp, Some(resp.status()));
         }
+    }
+
+    /// Managed mode with `--spool-full=refuse`: when the spool to the control plane cannot take
+    /// another record, the call is refused before anything else, and not recorded (it is not
+    /// acted on; recording it would only grow the spool): counted instead.
+    fn spool_refusal(
+        &self,
+        direction: Direction,
+        destination: Destination<'_>,
+    ) -> Option<Decision> {
+        let why = self.recorders.control_plane.as_ref()?.refusal()?;
+        self.metrics.spool_full_refusals.inc();
+        let mut d = Decision::refusal(format!(
+            "{why}; calls are refused until the control plane takes the backlog"
+        ));
+        d.error = "spool_full";
+        tracing::info!(
+            direction = direction.as_str(),
+            destination = %destination.host,
+            reason = %d.reason,
+            "call refused: the decision spool is full (mandate_spool_full_refusals_total)"
+        );
+        Some(d)
     }
 
     fn record(

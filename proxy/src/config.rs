@@ -9,6 +9,8 @@ use clap::{Parser, ValueEnum};
 use mandate_identity::TrustDomain;
 use serde::Deserialize;
 
+pub use crate::sync::spool::SpoolFull;
+
 use mandate_wire::JoinToken;
 
 use crate::authz::Enforcement;
@@ -87,6 +89,17 @@ pub struct Args {
     /// them instead of the already used join token.
     #[arg(long, env = "MANDATE_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Managed mode: decision records wait here (on disk) for the control plane
+    /// [default: STATE_DIR/spool; without either, memory only, lost on restart].
+    #[arg(long, env = "MANDATE_SPOOL_DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// Managed mode: most bytes of decision records the spool holds, e.g. 256MiB [default: 256MiB].
+    #[arg(long, env = "MANDATE_SPOOL_MAX_BYTES")]
+    pub spool_max_bytes: Option<String>,
+    /// Managed mode: what a full spool does to calls: refuse them (503 spool_full) before they are
+    /// forwarded, or forward them and drop their records (counted) [default: refuse].
+    #[arg(long, env = "MANDATE_SPOOL_FULL", value_enum)]
+    pub spool_full: Option<SpoolFull>,
     /// Listener for the agent's outbound calls [default: 127.0.0.1:15001].
     #[arg(long, env = "MANDATE_OUTBOUND")]
     pub outbound: Option<String>,
@@ -171,6 +184,9 @@ impl Args {
             control_plane: self.control_plane.or(file.control_plane),
             join_token: self.join_token.or(file.join_token),
             state_dir: self.state_dir.or(file.state_dir),
+            spool_dir: self.spool_dir.or(file.spool_dir),
+            spool_max_bytes: self.spool_max_bytes.or(file.spool_max_bytes),
+            spool_full: self.spool_full.or(file.spool_full),
             outbound: self.outbound.or(file.outbound),
             inbound: self.inbound.or(file.inbound),
             app: self.app.or(file.app),
@@ -235,6 +251,19 @@ pub struct ManagedConfig {
     pub join_token: Option<JoinToken>,
     /// Where key, SVID and trust bundle are kept across restarts.
     pub state_dir: Option<PathBuf>,
+    /// Where decision records wait for the control plane.
+    pub spool: SpoolConfig,
+}
+
+/// The decision spool of managed mode.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SpoolConfig {
+    /// Its directory: `--spool-dir`, else `STATE_DIR/spool`; `None`: memory only.
+    pub dir: Option<PathBuf>,
+    /// Most bytes it holds.
+    pub max_bytes: u64,
+    /// What a full spool does to calls.
+    pub full: SpoolFull,
 }
 
 /// An `https://HOST[:PORT]` control plane address.
@@ -453,6 +482,9 @@ fn managed_config(args: &Args) -> Result<Option<ManagedConfig>, ConfigError> {
         for (given, name) in [
             (args.join_token.is_some(), "--join-token"),
             (args.state_dir.is_some(), "--state-dir"),
+            (args.spool_dir.is_some(), "--spool-dir"),
+            (args.spool_max_bytes.is_some(), "--spool-max-bytes"),
+            (args.spool_full.is_some(), "--spool-full"),
         ] {
             if given {
                 return Err(field(
@@ -506,10 +538,21 @@ fn managed_config(args: &Args) -> Result<Option<ManagedConfig>, ConfigError> {
             format!("{} exists and is not a directory", dir.display()),
         ));
     }
+    let max_bytes = parse_size(args.spool_max_bytes.as_deref().unwrap_or("256MiB"))
+        .map_err(|why| field("--spool-max-bytes", why))? as u64;
+    let spool = SpoolConfig {
+        dir: args
+            .spool_dir
+            .clone()
+            .or_else(|| args.state_dir.as_ref().map(|d| d.join("spool"))),
+        max_bytes,
+        full: args.spool_full.unwrap_or(SpoolFull::Refuse),
+    };
     Ok(Some(ManagedConfig {
         control_plane,
         join_token,
         state_dir: args.state_dir.clone(),
+        spool,
     }))
 }
 
@@ -792,6 +835,44 @@ mod tests {
                 "/nonexistent/state"
             ]))
             .is_ok()
+        );
+    }
+
+    #[test]
+    fn the_spool_lives_in_the_state_dir_unless_given_and_refuses_when_full_by_default() {
+        let spool = |extra: &[&str]| {
+            let Mode::Managed(m) = managed(extra).unwrap().mode else {
+                panic!("managed")
+            };
+            m.spool
+        };
+        let s = spool(&[]);
+        assert_eq!(s.dir, None, "memory only without a directory");
+        assert_eq!(s.max_bytes, 256 << 20);
+        assert_eq!(s.full, SpoolFull::Refuse);
+        let s = spool(&["--state-dir", "/var/lib/mandate"]);
+        assert_eq!(s.dir, Some(PathBuf::from("/var/lib/mandate/spool")));
+        let s = spool(&[
+            "--state-dir",
+            "/var/lib/mandate",
+            "--spool-dir",
+            "/spool",
+            "--spool-max-bytes",
+            "4KiB",
+            "--spool-full",
+            "drop",
+        ]);
+        assert_eq!(s.dir, Some(PathBuf::from("/spool")));
+        assert_eq!(s.max_bytes, 4096);
+        assert_eq!(s.full, SpoolFull::Drop);
+        let err = managed(&["--spool-max-bytes", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("--spool-max-bytes: "), "{err}");
+        let err = config(&["--spool-dir", "/spool"]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("--spool-dir: only means something with --control-plane"),
+            "{err}"
         );
     }
 

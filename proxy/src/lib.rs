@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
 use crate::authz::{Authorizer, Recorders};
-use crate::config::{Config, ManagedConfig, Mode, PolicyConfig};
+use crate::config::{Config, ManagedConfig, Mode, PolicyConfig, SpoolConfig};
 use crate::decisions::DecisionLog;
 use crate::delegation::{ControlPlaneCalls, Verifier};
 use crate::identity::IdentityStore;
@@ -50,7 +50,8 @@ use crate::routes::RouteProtocol;
 use crate::server::{accept_loop, bind};
 use crate::sync::apply::Applier;
 use crate::sync::client::ControlPlaneClient;
-use crate::sync::report::DecisionQueue;
+use crate::sync::report::{DecisionQueue, Reporter};
+use crate::sync::spool::Spool;
 use crate::sync::state::StateDir;
 use crate::sync::{ControlPlane, Timing};
 
@@ -112,6 +113,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             policy,
             &metrics,
             managed.as_ref().map(|(cp, _)| cp),
+            match &config.mode {
+                Mode::Managed(m) => Some(&m.spool),
+                Mode::Standalone(_) => None,
+            },
         )?)),
         None => {
             tracing::warn!(
@@ -267,12 +272,33 @@ async fn start_managed(
     Ok((cp, renew_now))
 }
 
+/// Managed mode: the spool of decision records to the control plane, on disk, or in memory when
+/// there is no directory for it.
+fn reporter(cp: &Arc<ControlPlane>, spool: &SpoolConfig) -> anyhow::Result<Reporter> {
+    match &spool.dir {
+        Some(dir) => Ok(Reporter::Spool(
+            Spool::open(dir, spool.max_bytes, spool.full, cp.clone())
+                .with_context(|| format!("decision spool {}", dir.display()))?,
+        )),
+        None => {
+            tracing::warn!(
+                "no --spool-dir nor --state-dir: decision records wait for the control plane in memory only, and are lost if the sidecar stops before delivering them"
+            );
+            Ok(Reporter::Memory {
+                queue: DecisionQueue::start(cp.clone()),
+                mode: spool.full,
+            })
+        }
+    }
+}
+
 /// Loads the policy (a broken one leaves the sidecar running, denying and not ready), watches it,
-/// and opens the decision log and (managed) the queue to the control plane.
+/// and opens the decision log and (managed) the spool to the control plane.
 fn authorizer(
     policy: &PolicyConfig,
     metrics: &Arc<Metrics>,
     control_plane: Option<&Arc<ControlPlane>>,
+    spool: Option<&SpoolConfig>,
 ) -> anyhow::Result<Authorizer> {
     let store = Arc::new(PolicyStore::load(
         policy.source.clone(),
@@ -287,7 +313,13 @@ fn authorizer(
         ),
         None => None,
     };
-    let queue = control_plane.map(|cp| DecisionQueue::start(cp.clone()));
+    let queue = match control_plane {
+        Some(cp) => Some(reporter(
+            cp,
+            spool.expect("managed mode has a spool config"),
+        )?),
+        None => None,
+    };
     let authorizer = Authorizer::new(
         store,
         Recorders {

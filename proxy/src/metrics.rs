@@ -40,6 +40,14 @@ pub struct Metrics {
     pub decisions_dropped: IntCounter,
     /// Decision records the control plane acknowledged.
     pub decisions_sent: IntCounter,
+    /// Decision records written to the spool (managed mode).
+    pub decisions_spooled: IntCounter,
+    /// Bytes of decision records spooled and not yet acknowledged by the control plane.
+    pub decision_spool_bytes: IntGauge,
+    /// `--spool-max-bytes`.
+    pub decision_spool_limit_bytes: IntGauge,
+    /// Calls refused because the decision spool was full.
+    pub spool_full_refusals: IntCounter,
     /// 1 while the push stream from the control plane is open.
     pub control_plane_connected: IntGauge,
     /// Push streams re-opened after breaking or falling silent.
@@ -162,6 +170,26 @@ impl Metrics {
             "Decision records delivered to the control plane (managed mode).",
         )
         .expect("valid metric");
+        let decisions_spooled = IntCounter::new(
+            "mandate_decisions_spooled_total",
+            "Decision records written to the on-disk spool on their way to the control plane (managed mode).",
+        )
+        .expect("valid metric");
+        let decision_spool_bytes = IntGauge::new(
+            "mandate_decision_spool_bytes",
+            "Bytes of decision records spooled and not yet acknowledged by the control plane (managed mode).",
+        )
+        .expect("valid metric");
+        let decision_spool_limit_bytes = IntGauge::new(
+            "mandate_decision_spool_limit_bytes",
+            "Most bytes the decision spool holds (--spool-max-bytes) before calls are refused or records dropped (managed mode).",
+        )
+        .expect("valid metric");
+        let spool_full_refusals = IntCounter::new(
+            "mandate_spool_full_refusals_total",
+            "Calls refused before being forwarded because the decision spool was full (managed mode).",
+        )
+        .expect("valid metric");
         let control_plane_connected = IntGauge::new(
             "mandate_control_plane_connected",
             "1 while the push stream from the control plane is open, else 0 (managed mode).",
@@ -215,6 +243,10 @@ impl Metrics {
             Box::new(policy_engine_divergences.clone()),
             Box::new(decisions_dropped.clone()),
             Box::new(decisions_sent.clone()),
+            Box::new(decisions_spooled.clone()),
+            Box::new(decision_spool_bytes.clone()),
+            Box::new(decision_spool_limit_bytes.clone()),
+            Box::new(spool_full_refusals.clone()),
             Box::new(control_plane_connected.clone()),
             Box::new(stream_reconnects.clone()),
             Box::new(bundle_rejects.clone()),
@@ -247,6 +279,10 @@ impl Metrics {
             policy_engine_divergences,
             decisions_dropped,
             decisions_sent,
+            decisions_spooled,
+            decision_spool_bytes,
+            decision_spool_limit_bytes,
+            spool_full_refusals,
             control_plane_connected,
             stream_reconnects,
             bundle_rejects,

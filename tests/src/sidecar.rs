@@ -555,6 +555,12 @@ impl Sidecar {
         Ok(())
     }
 
+    /// Kills it with SIGKILL (no clean shutdown, nothing flushed) and reaps it.
+    pub async fn sigkill(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
     /// Whether the process has exited, without waiting.
     pub fn try_exit(&mut self) -> anyhow::Result<Option<ExitStatus>> {
         Ok(self.child.try_wait()?)

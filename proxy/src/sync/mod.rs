@@ -6,6 +6,7 @@ pub mod apply;
 pub mod backoff;
 pub mod client;
 pub mod report;
+pub mod spool;
 pub mod state;
 pub mod stream;
 pub mod svid;

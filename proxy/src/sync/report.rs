@@ -16,7 +16,53 @@ use tokio::time::Instant;
 use super::ControlPlane;
 use super::backoff::Backoff;
 use super::client::{ClientError, Connection, Trust};
+use super::spool::{Spool, SpoolFull};
 use super::unix_now;
+
+/// Where a managed sidecar's decision records wait for the control plane: the on-disk spool, or
+/// (no `--spool-dir` nor `--state-dir`) memory only, lost on restart.
+pub enum Reporter {
+    /// The on-disk spool.
+    Spool(Spool),
+    /// The in-memory queue.
+    Memory {
+        /// The queue.
+        queue: DecisionQueue,
+        /// What a full queue does to calls.
+        mode: SpoolFull,
+    },
+}
+
+impl Reporter {
+    /// Why calls must be refused before being forwarded, if they must: the records cannot be
+    /// kept and `--spool-full` is `refuse`.
+    pub fn refusal(&self) -> Option<String> {
+        match self {
+            Self::Spool(spool) if spool.mode() == SpoolFull::Refuse => spool.full(),
+            Self::Memory {
+                queue,
+                mode: SpoolFull::Refuse,
+            } => queue.full(),
+            _ => None,
+        }
+    }
+
+    /// Hands a record over without waiting.
+    pub fn record(&self, record: DecisionRecord) {
+        match self {
+            Self::Spool(spool) => spool.record(&record),
+            Self::Memory { queue, .. } => queue.record(record),
+        }
+    }
+
+    /// Shutdown: waits (within `timeout`) until the control plane has every record.
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        match self {
+            Self::Spool(spool) => spool.flush(timeout).await,
+            Self::Memory { queue, .. } => queue.flush(timeout).await,
+        }
+    }
+}
 
 /// Records waiting for delivery before new ones are dropped (and counted).
 const QUEUE: usize = 65_536;
@@ -61,6 +107,13 @@ impl DecisionQueue {
                 );
             }
         }
+    }
+
+    /// Why no more records fit, if they do not.
+    pub fn full(&self) -> Option<String> {
+        (self.tx.capacity() == 0).then(|| {
+            format!("in-memory decision queue is full ({QUEUE} records not yet taken by the control plane)")
+        })
     }
 
     /// Waits (up to `timeout`) until the control plane has every record queued so far.
