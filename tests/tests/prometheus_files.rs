@@ -239,6 +239,7 @@ decision := {"allow": true, "reason": "allowed prefix"} if {
             "mandate_request_duration_seconds_bucket",
             "mandate_policy_eval_duration_seconds_bucket",
             "mandate_certificate_expiry_timestamp_seconds",
+            "mandate_decision_spool_bytes",
             "mandate_cp_connected_sidecars",
             "mandate_cp_decisions_ingested_total",
             "mandate_cp_push_latency_seconds_bucket",
