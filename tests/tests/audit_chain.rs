@@ -206,6 +206,14 @@ async fn tampering_with_the_sqlite_file_is_named_by_audit_verify() {
         cp.restart().await?;
         verify_fails(&cp, "edited row", &["seq 5", &id5, "altered"]).await?;
 
+        // Edit: only the allow column `mandate audit query --result` filters on, not the record.
+        cp.kill().await?;
+        restore(&pristine, &db)?;
+        let id6 = id_of(6)?;
+        sqlite3(&db, "UPDATE decisions SET allow = 1 - allow WHERE seq = 6")?;
+        cp.restart().await?;
+        verify_fails(&cp, "edited column", &["seq 6", &id6, "allow column", "altered"]).await?;
+
         // Delete: record 4 is gone.
         cp.kill().await?;
         restore(&pristine, &db)?;

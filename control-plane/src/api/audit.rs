@@ -199,7 +199,8 @@ async fn beyond_head(store: &Store, f: Failure) -> Result<Failure, HttpError> {
 }
 
 /// What the walk cannot see: records missing at the end (the head was further), records beyond
-/// the head, and decisions put in without a place in the chain.
+/// the head, filter columns edited apart from their record, and decisions put in without a place
+/// in the chain.
 async fn trailing_failure(
     store: &Store,
     v: &Verifier,
@@ -231,6 +232,16 @@ async fn trailing_failure(
             message: format!(
                 "record seq {} (decision {}) lies beyond the chain head (seq {}): inserted",
                 r.seq, r.decision_id, head.seq
+            ),
+        }));
+    }
+    if let Some((seq, id, column)) = store.altered_decision_column().await? {
+        return Ok(Some(Failure {
+            kind: Breakage::Altered,
+            seq: Some(seq),
+            decision_id: Some(id.clone()),
+            message: format!(
+                "record seq {seq} (decision {id}): its {column} column no longer matches its hashed record (altered)"
             ),
         }));
     }

@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use super::backend::{BeginWrite as _, Pool, on_pool};
-use super::decisions::head_sql;
+use super::decisions::{StoredColumns, altered_column, head_sql};
 use super::{Store, StoreError};
 use crate::audit::{ChainedRecord, Checkpoint, canonical_entry, chain_hash};
 
@@ -150,6 +150,79 @@ impl Store {
             .fetch_optional(pool)
             .await?
         }))
+    }
+
+    /// The first chained decision (by seq) whose filter columns (time, source, subject, grant,
+    /// tool, allow, approval) no longer say what its record says: `(seq, decision_id, column)`.
+    /// The chain covers the record; this covers the copies `mandate audit query` filters on.
+    pub async fn altered_decision_column(
+        &self,
+    ) -> Result<Option<(u64, String, &'static str)>, StoreError> {
+        type ColumnRow = (
+            i64,
+            String,
+            String,
+            i64,
+            String,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            i64,
+            Option<String>,
+            Option<String>,
+            String,
+        );
+        let mut from = 1i64;
+        loop {
+            let rows: Vec<ColumnRow> = on_pool!(self, pool => {
+                sqlx::query_as(
+                    "SELECT seq, decision_id, ts, ts_ms, source, subject, grant_id, tool, allow, \
+                     approval_id, approved_by, record FROM decisions WHERE seq >= $1 \
+                     ORDER BY seq LIMIT 5000",
+                )
+                .bind(from)
+                .fetch_all(pool)
+                .await?
+            });
+            let Some(last) = rows.last().map(|r| r.0) else {
+                return Ok(None);
+            };
+            for (
+                seq,
+                id,
+                ts,
+                ts_ms,
+                source,
+                subject,
+                grant_id,
+                tool,
+                allow,
+                approval_id,
+                approved_by,
+                record,
+            ) in rows
+            {
+                let Ok(record) = serde_json::from_str::<mandate_wire::DecisionRecord>(&record)
+                else {
+                    continue;
+                };
+                let stored = StoredColumns {
+                    ts,
+                    ts_ms,
+                    source,
+                    subject,
+                    grant_id,
+                    tool,
+                    allow,
+                    approval_id,
+                    approved_by,
+                };
+                if let Some(column) = altered_column(&record, &stored) {
+                    return Ok(Some((to_u64(seq), id, column)));
+                }
+            }
+            from = last + 1;
+        }
     }
 
     /// The first seq of a decision taken at or after `since_ms` (unix milliseconds).

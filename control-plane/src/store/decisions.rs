@@ -63,6 +63,40 @@ impl Row {
     }
 }
 
+/// The filter columns of a stored decision row, as read back for verification.
+pub(super) struct StoredColumns {
+    pub ts: String,
+    pub ts_ms: i64,
+    pub source: String,
+    pub subject: Option<String>,
+    pub grant_id: Option<String>,
+    pub tool: Option<String>,
+    pub allow: i64,
+    pub approval_id: Option<String>,
+    pub approved_by: Option<String>,
+}
+
+/// The first filter column of a stored row that is not what ingest copied out of its record.
+pub(super) fn altered_column(
+    record: &DecisionRecord,
+    stored: &StoredColumns,
+) -> Option<&'static str> {
+    let row = Row::new(record, stored.ts_ms).ok()?;
+    [
+        ("ts", row.ts == stored.ts),
+        ("ts_ms", row.ts_ms == stored.ts_ms),
+        ("source", row.source == stored.source),
+        ("subject", row.subject == stored.subject),
+        ("grant_id", row.grant_id == stored.grant_id),
+        ("tool", row.tool == stored.tool),
+        ("allow", row.allow == stored.allow),
+        ("approval_id", row.approval_id == stored.approval_id),
+        ("approved_by", row.approved_by == stored.approved_by),
+    ]
+    .into_iter()
+    .find_map(|(column, same)| (!same).then_some(column))
+}
+
 fn unix_ms(rfc3339: &str) -> Option<i64> {
     let t = OffsetDateTime::parse(rfc3339, &Rfc3339).ok()?;
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
