@@ -28,7 +28,7 @@ enum Command {
     Agent(cli::workload::WorkloadArgs),
     /// Approve or reject a call a policy held for a person's approval; --pending lists them.
     Approve(cli::approve::ApproveArgs),
-    /// Search the decisions sidecars reported to the control plane.
+    /// The audit log: search, verify (hash chain and signed checkpoints), export and follow the decisions sidecars reported.
     Audit(cli::audit::AuditArgs),
     /// Certificate authorities: a file-based one for standalone sidecars, or import one into the control plane.
     #[command(subcommand)]

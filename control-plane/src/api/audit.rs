@@ -116,10 +116,9 @@ async fn page(store: &Store, from: u64, limit: u64) -> Result<(Vec<Entry>, u64),
     let records = store.audit_records(from, limit).await?;
     let until = records.last().map_or(u64::MAX, |r| r.seq + 1);
     let mut checkpoints = store
-        .audit_checkpoints(from, i64::MAX as u64)
+        .audit_checkpoints(from, until.min(i64::MAX as u64))
         .await?
         .into_iter()
-        .filter(|c| c.seq < until)
         .peekable();
     let next_seq = if records.is_empty() { from } else { until };
     let mut entries = Vec::with_capacity(records.len() + 1);
