@@ -133,6 +133,13 @@ pub struct BenchArgs {
     /// without), cut into `--rounds` rounds.
     #[arg(long, default_value = "8s", value_parser = parse_duration)]
     pub delegation_duration: Duration,
+    /// Ingest benchmark: measured closed-loop window of the end-to-end run per store.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub ingest_time: Duration,
+    /// Ingest benchmark: measured fixed-rate load per variant (direct, spool, memory queue), cut
+    /// into `--rounds` rounds.
+    #[arg(long, default_value = "8s", value_parser = parse_duration)]
+    pub ingest_pair_duration: Duration,
     /// Keep the temporary directory (certificates, configs, logs) for inspection.
     #[arg(long)]
     pub keep_tmp: bool,
@@ -157,7 +164,7 @@ impl BenchArgs {
             || self
                 .only
                 .iter()
-                .any(|k| !matches!(k, Kind::ControlPlane | Kind::Delegation))
+                .any(|k| !matches!(k, Kind::ControlPlane | Kind::Delegation | Kind::Ingest))
     }
 }
 

@@ -327,6 +327,8 @@ pub(crate) struct Serve {
     pub(crate) child: Child,
     pub(crate) listen: SocketAddr,
     pub(crate) ca_pem: PathBuf,
+    /// Its plain-HTTP metrics listener (`/metrics`, `/readyz`).
+    pub(crate) metrics: SocketAddr,
     endpoint: Endpoint,
     admin: Conn,
 }
@@ -416,6 +418,7 @@ impl Serve {
             child,
             listen,
             ca_pem,
+            metrics,
             endpoint,
             admin,
         })

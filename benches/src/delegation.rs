@@ -61,7 +61,7 @@ const CHECK_TIME: Duration = Duration::from_secs(10);
 
 /// The scopes of the pair's grant, and the autonomous agent's own: the load (`GET /` on the
 /// tool) and two more, as a grant for a task would hold.
-fn pair_scopes() -> Vec<serde_json::Value> {
+pub(crate) fn pair_scopes() -> Vec<serde_json::Value> {
     vec![
         json!({"host": "tool", "method": "GET", "path": "/"}),
         json!({"host": "tool", "path": "/docs/*"}),
@@ -558,7 +558,10 @@ pub async fn run(
 }
 
 /// One HTTP/1.1 exchange on a fresh connection: status and body.
-async fn http(addr: SocketAddr, req: Request<Full<Bytes>>) -> anyhow::Result<(StatusCode, String)> {
+pub(crate) async fn http(
+    addr: SocketAddr,
+    req: Request<Full<Bytes>>,
+) -> anyhow::Result<(StatusCode, String)> {
     let exchange = async {
         let stream = tokio::net::TcpStream::connect(addr).await?;
         let (mut sender, conn) =
@@ -592,7 +595,7 @@ async fn call(
 
 /// Repeats `call` until it answers `want` (a managed sidecar learns of new agents and keys by
 /// push, a moment after it is ready), returning the last answer's body.
-async fn expect_status(
+pub(crate) async fn expect_status(
     outbound: SocketAddr,
     headers: &[(HeaderName, HeaderValue)],
     want: StatusCode,
@@ -615,7 +618,7 @@ async fn expect_status(
 }
 
 /// The first join token (`mjt1.…`) in the CLI's output.
-fn join_token_in(out: &str) -> anyhow::Result<String> {
+pub(crate) fn join_token_in(out: &str) -> anyhow::Result<String> {
     out.split_whitespace()
         .find(|w| w.starts_with("mjt1."))
         .map(str::to_owned)
@@ -631,21 +634,21 @@ fn uuid_in(out: &str) -> anyhow::Result<String> {
 }
 
 /// Listener addresses of one sidecar.
-struct Ports {
-    outbound: SocketAddr,
-    inbound: SocketAddr,
-    admin: SocketAddr,
+pub(crate) struct Ports {
+    pub(crate) outbound: SocketAddr,
+    pub(crate) inbound: SocketAddr,
+    pub(crate) admin: SocketAddr,
 }
 
 /// A managed sidecar: started with its join token, ready.
-struct Sidecar {
-    child: Child,
-    ports: Ports,
+pub(crate) struct Sidecar {
+    pub(crate) child: Child,
+    pub(crate) ports: Ports,
     decision_log: std::path::PathBuf,
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn sidecar(
+pub(crate) async fn sidecar(
     args: &BenchArgs,
     pinner: &Pinner,
     tmp: &Path,

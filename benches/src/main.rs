@@ -9,6 +9,7 @@ mod certs;
 mod cli;
 mod control_plane;
 mod delegation;
+mod ingest;
 mod jitter;
 mod loadgen;
 mod mandate;

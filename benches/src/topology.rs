@@ -14,7 +14,7 @@ use crate::loadgen::{self, Outcome, Target};
 use crate::procs::{self, Child, Pinner, Spawn, TempDir};
 use crate::report::{self, Machine, Report};
 use crate::rss::{self, Mem, Sampler};
-use crate::{control_plane, delegation, jitter, mandate, nginx, policy};
+use crate::{control_plane, delegation, ingest, jitter, mandate, nginx, policy};
 
 /// Response body size of the upstream app.
 pub const BODY_BYTES: usize = 1024;
@@ -46,6 +46,8 @@ pub enum Kind {
     ControlPlane,
     /// Not a data-path topology: delegation tokens, checked in process and through a managed pair.
     Delegation,
+    /// Not a data-path topology: decisions end to end through a spooling managed pair.
+    Ingest,
 }
 
 impl Kind {
@@ -58,6 +60,7 @@ impl Kind {
             Kind::Nginx => "nginx pair",
             Kind::ControlPlane => "control plane",
             Kind::Delegation => "delegation",
+            Kind::Ingest => "ingest",
         }
     }
 }
@@ -279,6 +282,13 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
                 format!("{e:#}")
             })
     });
+    let ingest = ingest::wanted(args).then(|| {
+        rt.block_on(ingest::run(args, &cpus_proxy, &cpus_load))
+            .map_err(|e| {
+                eprintln!("== ingest FAILED: {e:#}");
+                format!("{e:#}")
+            })
+    });
     let tmp = results.tmp.display().to_string();
     let report = Report {
         machine,
@@ -296,6 +306,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         policy_eval,
         control_plane,
         delegation,
+        ingest,
     };
     println!("{}", report::terminal_table(&report));
     if let Some(path) = &args.report {
@@ -333,6 +344,11 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     match &report.delegation {
         Some(Err(e)) => bail!("delegation benchmark failed: {e}"),
         Some(Ok(d)) => delegation::check(d).context("delegation benchmark")?,
+        None => {}
+    }
+    match &report.ingest {
+        Some(Err(e)) => bail!("ingest benchmark failed: {e}"),
+        Some(Ok(r)) => ingest::check(r).context("ingest benchmark")?,
         None => {}
     }
     Ok(())
@@ -408,7 +424,7 @@ async fn run_all(
             Kind::Mandate => mandate::start(&env, false).await,
             Kind::MandatePolicy => mandate::start(&env, true).await,
             Kind::Nginx => nginx::start(&env).await,
-            Kind::ControlPlane | Kind::Delegation => {
+            Kind::ControlPlane | Kind::Delegation | Kind::Ingest => {
                 unreachable!("{} is not a data-path topology", kind.label())
             }
         };
