@@ -10,7 +10,7 @@ use tokio::process::{Child, Command};
 
 use crate::client::get;
 use crate::metrics::Metrics;
-use crate::{TestEnv, ports};
+use crate::{Sidecar, TestEnv, ports};
 
 /// How long `mandate serve` may take to answer `/readyz` with 200 (first start generates the CA).
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -271,6 +271,48 @@ impl ControlPlane {
             ])
             .await?;
         join_token_in(&out)
+    }
+
+    /// A managed pair under `module` (a Rego body, see [`crate::policy::rego`]): the service
+    /// `tool` in front of `app` and the agent `research` (ceiling and autonomous scopes
+    /// `{"host": "tool"}`) routing `tool:8080` to it, both enrolled by join token; the module is
+    /// pushed as the policy and `(agent, tool)` returned once both are ready.
+    pub async fn managed_pair(
+        &self,
+        env: &TestEnv,
+        app: SocketAddr,
+        module: &str,
+    ) -> anyhow::Result<(Sidecar, Sidecar)> {
+        let tool_token = self.register_service("tool").await?;
+        let agent_token = self
+            .register_agent("research", r#"[{"host": "tool"}]"#)
+            .await?;
+        let tool = env
+            .sidecar("tool")
+            .managed(self, &tool_token)
+            .app(app)
+            .spawn_live()
+            .await?;
+        let agent = env
+            .sidecar("agent")
+            .managed(self, &agent_token)
+            .route_to("tool:8080", &tool)
+            .spawn_live()
+            .await?;
+        let dir = env.dir().join("bundles").join("pair");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("authz.rego"), crate::policy::rego(module))?;
+        self.cli_ok(&["policy", "push", &dir.display().to_string()])
+            .await?;
+        for sidecar in [&agent, &tool] {
+            crate::eventually(
+                READY_TIMEOUT,
+                &format!("{} ready", sidecar.name()),
+                || async { Ok(sidecar.is_ready().await) },
+            )
+            .await?;
+        }
+        Ok((agent, tool))
     }
 
     /// `mandate service register NAME --owner …`; returns the one-time join token.

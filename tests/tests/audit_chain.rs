@@ -11,7 +11,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use mandate_e2e::apps::App;
 use mandate_e2e::client::proxy_get;
-use mandate_e2e::policy::rego;
 use mandate_e2e::{ControlPlane, TestEnv, eventually};
 
 const LIMIT: Duration = Duration::from_secs(180);
@@ -92,28 +91,7 @@ async fn tampering_with_the_sqlite_file_is_named_by_audit_verify() {
             .spawn()
             .await?;
         let app = App::start().await?;
-        let tool_token = cp.register_service("tool").await?;
-        let agent_token = cp.register_agent("research", r#"[{"host": "tool"}]"#).await?;
-        let tool = env
-            .sidecar("tool")
-            .managed(&cp, &tool_token)
-            .app(app.addr())
-            .spawn_live()
-            .await?;
-        let agent = env
-            .sidecar("agent")
-            .managed(&cp, &agent_token)
-            .route_to("tool:8080", &tool)
-            .spawn_live()
-            .await?;
-        let dir = env.dir().join("bundle");
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("authz.rego"), rego(POLICY))?;
-        cp.cli_ok(&["policy", "push", &dir.display().to_string()])
-            .await?;
-        for sidecar in [&agent, &tool] {
-            eventually(WITHIN, "sidecar ready", || async { Ok(sidecar.is_ready().await) }).await?;
-        }
+        let (agent, tool) = cp.managed_pair(&env, app.addr(), POLICY).await?;
 
         // Tail from the start while the calls are made.
         let tail_out = env.dir().join("tail.jsonl");
@@ -147,7 +125,7 @@ async fn tampering_with_the_sqlite_file_is_named_by_audit_verify() {
 
         let summary = cp.cli_ok(&["audit", "verify"]).await?;
         anyhow::ensure!(
-            summary.starts_with(&format!("{expected} records, ")) && summary.contains("checkpoints verified"),
+            summary.starts_with(&format!("{expected} records, ")) && summary.contains(" verified"),
             "verify: {summary}"
         );
 

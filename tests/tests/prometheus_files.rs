@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use mandate_e2e::apps::App;
 use mandate_e2e::client::proxy_get;
-use mandate_e2e::policy::rego;
-use mandate_e2e::{Sidecar, TestEnv, ensure_eq, eventually};
+use mandate_e2e::{TestEnv, ensure_eq, eventually};
 use tokio::io::AsyncWriteExt as _;
 use tokio::process::Command;
 
@@ -137,13 +136,6 @@ fn dashboard_exprs(dashboard: &serde_json::Value) -> Vec<String> {
     out
 }
 
-async fn wait_ready(sidecar: &Sidecar) -> anyhow::Result<()> {
-    eventually(PUSH, &format!("{} ready", sidecar.name()), || async {
-        Ok(sidecar.is_ready().await)
-    })
-    .await
-}
-
 #[tokio::test]
 async fn prometheus_config_alerts_scrapes_and_dashboard_pass_promtool() {
     if !promtool_available() {
@@ -163,39 +155,17 @@ async fn prometheus_config_alerts_scrapes_and_dashboard_pass_promtool() {
         // (b) Real scrapes: a control plane and a managed pair that has decided something.
         let cp = env.control_plane("cp").spawn().await?;
         let app = App::start().await?;
-        let tool_token = cp.register_service("tool").await?;
-        let agent_token = cp
-            .register_agent("research", r#"[{"host": "tool"}]"#)
-            .await?;
-        let tool = env
-            .sidecar("tool")
-            .managed(&cp, &tool_token)
-            .app(app.addr())
-            .spawn_live()
-            .await?;
-        let agent = env
-            .sidecar("agent")
-            .managed(&cp, &agent_token)
-            .route_to("tool:8080", &tool)
-            .spawn_live()
-            .await?;
-        let dir = env.dir().join("bundles").join("v1");
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(
-            dir.join("authz.rego"),
-            rego(
+        let (agent, tool) = cp
+            .managed_pair(
+                &env,
+                app.addr(),
                 r#"default decision := {"allow": false, "reason": "denied: not under /allowed"}
 
 decision := {"allow": true, "reason": "allowed prefix"} if {
 	startswith(input.request.path, "/allowed")
 }"#,
-            ),
-        )?;
-        std::fs::write(dir.join("data.json"), "{}")?;
-        cp.cli_ok(&["policy", "push", &dir.display().to_string()])
+            )
             .await?;
-        wait_ready(&agent).await?;
-        wait_ready(&tool).await?;
         let allowed = proxy_get(agent.outbound(), "http://tool:8080/allowed/x", &[]).await?;
         ensure_eq!(allowed.status, 200, "allowed call: {}", allowed.text());
         let denied = proxy_get(agent.outbound(), "http://tool:8080/secret", &[]).await?;

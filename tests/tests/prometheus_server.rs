@@ -10,14 +10,11 @@ use std::time::Duration;
 
 use mandate_e2e::apps::App;
 use mandate_e2e::client::proxy_get;
-use mandate_e2e::policy::rego;
 use mandate_e2e::prometheus::{Prometheus, Sample};
-use mandate_e2e::{Sidecar, TestEnv, ensure_eq, eventually};
+use mandate_e2e::{TestEnv, ensure_eq};
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(120);
-/// How long a pushed change may take to reach a sidecar here (the target is 1 s).
-const PUSH: Duration = Duration::from_secs(10);
 /// How long a change may take to show in Prometheus (scraped and evaluated every second).
 const SCRAPED: Duration = Duration::from_secs(30);
 
@@ -29,13 +26,6 @@ fn repo_root() -> PathBuf {
         .parent()
         .expect("tests/ lives in the workspace")
         .to_path_buf()
-}
-
-async fn wait_ready(sidecar: &Sidecar) -> anyhow::Result<()> {
-    eventually(PUSH, &format!("{} ready", sidecar.name()), || async {
-        Ok(sidecar.is_ready().await)
-    })
-    .await
 }
 
 /// A query's samples keyed by the values of `by` (in that order).
@@ -133,39 +123,17 @@ async fn a_real_prometheus_counts_the_decisions_made_and_loads_the_alert_rules_h
         // A control plane and a managed pair under a policy that allows only /allowed….
         let cp = env.control_plane("cp").spawn().await?;
         let app = App::start().await?;
-        let tool_token = cp.register_service("tool").await?;
-        let agent_token = cp
-            .register_agent("research", r#"[{"host": "tool"}]"#)
-            .await?;
-        let tool = env
-            .sidecar("tool")
-            .managed(&cp, &tool_token)
-            .app(app.addr())
-            .spawn_live()
-            .await?;
-        let agent = env
-            .sidecar("agent")
-            .managed(&cp, &agent_token)
-            .route_to("tool:8080", &tool)
-            .spawn_live()
-            .await?;
-        let dir = env.dir().join("bundles").join("v1");
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(
-            dir.join("authz.rego"),
-            rego(
+        let (agent, tool) = cp
+            .managed_pair(
+                &env,
+                app.addr(),
                 r#"default decision := {"allow": false, "reason": "denied: not under /allowed"}
 
 decision := {"allow": true, "reason": "allowed prefix"} if {
 	startswith(input.request.path, "/allowed")
 }"#,
-            ),
-        )?;
-        std::fs::write(dir.join("data.json"), "{}")?;
-        cp.cli_ok(&["policy", "push", &dir.display().to_string()])
+            )
             .await?;
-        wait_ready(&agent).await?;
-        wait_ready(&tool).await?;
 
         // …scraped by Prometheus with the deployed alert rules, every second.
         let alerts = repo_root().join("deploy/prometheus/alerts.yml");
