@@ -414,12 +414,18 @@ impl Verifier {
         Ok(())
     }
 
+    /// "N records, M checkpoints", singular where it is one.
+    pub fn counts(&self) -> String {
+        format!(
+            "{}, {}",
+            counted(self.records, "record"),
+            counted(self.checkpoints, "checkpoint")
+        )
+    }
+
     /// A one-line summary of what was verified.
     pub fn summary(&self) -> String {
-        let mut s = format!(
-            "{} records, {} checkpoints verified",
-            self.records, self.checkpoints
-        );
+        let mut s = format!("{} verified", self.counts());
         let unsigned = self.last_seq().saturating_sub(self.last_checkpoint);
         if unsigned > 0 && self.records > 0 {
             let _ = write!(
@@ -495,6 +501,16 @@ pub async fn maintain_checkpoints(
         if stopping {
             return;
         }
+    }
+}
+
+/// `n thing` or `n things`.
+fn counted(n: impl Into<u64>, thing: &str) -> String {
+    let n = n.into();
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
     }
 }
 

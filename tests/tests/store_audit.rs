@@ -183,7 +183,7 @@ async fn the_chain_stays_contiguous_under_concurrent_ingest(
     anyhow::ensure!(
         report
             .summary
-            .starts_with(&format!("{} records, 1 checkpoints verified", head.seq)),
+            .starts_with(&format!("{} records, 1 checkpoint verified", head.seq)),
         "{}",
         report.summary
     );

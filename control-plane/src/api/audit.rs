@@ -167,8 +167,9 @@ pub async fn verify_store(store: &Store, keys: TrustKeys) -> Result<VerifyReport
     let summary = match &failure {
         None => v.summary(),
         Some(f) => format!(
-            "audit chain broken: {} ({} records, {} checkpoints verified before it)",
-            f.message, v.records, v.checkpoints
+            "audit chain broken: {} ({} verified before it)",
+            f.message,
+            v.counts()
         ),
     };
     Ok(VerifyReport {
