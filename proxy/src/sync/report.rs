@@ -145,7 +145,7 @@ struct BatchRef<'a> {
 
 async fn upload_loop(cp: Arc<ControlPlane>, mut rx: mpsc::Receiver<Message>) {
     let max = cp.timing.batch_max.max(1);
-    let mut conn: Option<Connection> = None;
+    let mut delivery = Delivery::new(cp.clone());
     let mut batch: Vec<DecisionRecord> = Vec::with_capacity(max);
     let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
     let mut closed = false;
@@ -169,55 +169,78 @@ async fn upload_loop(cp: Arc<ControlPlane>, mut rx: mpsc::Receiver<Message>) {
                 Err(_) => break,
             }
         }
-        let mut backoff = Backoff::new(cp.timing.upload_retry.0, cp.timing.upload_retry.1);
-        while !batch.is_empty() {
-            match send(&cp, &mut conn, &batch).await {
-                Ok(result) => {
-                    cp.metrics.decisions_sent.inc_by(batch.len() as u64);
-                    tracing::debug!(
-                        accepted = result.accepted,
-                        duplicates = result.duplicates,
-                        "decision batch delivered"
-                    );
-                    batch.clear();
-                }
-                Err(e) => {
-                    conn = None;
-                    let delay = backoff.next_delay();
-                    tracing::warn!(
-                        error = %e,
-                        records = batch.len(),
-                        retry_in = ?delay,
-                        "cannot deliver decision records to the control plane; keeping them and retrying"
-                    );
-                    tokio::time::sleep(delay).await;
-                }
-            }
-        }
+        delivery.deliver(&batch, "keeping them").await;
+        batch.clear();
         for ack in acks.drain(..) {
             let _ = ack.send(());
         }
     }
 }
 
-async fn send(
-    cp: &ControlPlane,
-    conn: &mut Option<Connection>,
-    batch: &[DecisionRecord],
-) -> Result<IngestResult, ClientError> {
-    let attempt = async {
-        let open = match conn.take() {
-            Some(c) if !c.is_closed() => c,
-            _ => {
-                let identity = cp.identity.current();
-                cp.client.connect(Trust::Identity(&identity)).await?
+/// Delivers decision batches to the control plane over one reused mTLS connection, retrying
+/// each batch with backoff until it is taken (ingest is idempotent, so a resend is harmless).
+pub(super) struct Delivery {
+    cp: Arc<ControlPlane>,
+    conn: Option<Connection>,
+}
+
+impl Delivery {
+    /// A delivery with no connection yet.
+    pub(super) fn new(cp: Arc<ControlPlane>) -> Self {
+        Self { cp, conn: None }
+    }
+
+    /// Returns once the control plane has taken `batch`; `kept` says, for the retry log line,
+    /// where the records wait meanwhile.
+    pub(super) async fn deliver(&mut self, batch: &[DecisionRecord], kept: &str) {
+        if batch.is_empty() {
+            return;
+        }
+        let timing = &self.cp.timing;
+        let mut backoff = Backoff::new(timing.upload_retry.0, timing.upload_retry.1);
+        loop {
+            match self.send(batch).await {
+                Ok(result) => {
+                    self.cp.metrics.decisions_sent.inc_by(batch.len() as u64);
+                    tracing::debug!(
+                        accepted = result.accepted,
+                        duplicates = result.duplicates,
+                        "decision batch delivered"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    self.conn = None;
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        error = %e,
+                        records = batch.len(),
+                        retry_in = ?delay,
+                        "cannot deliver decision records to the control plane; {kept}, retrying"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
             }
+        }
+    }
+
+    async fn send(&mut self, batch: &[DecisionRecord]) -> Result<IngestResult, ClientError> {
+        let cp = &self.cp;
+        let conn = &mut self.conn;
+        let attempt = async {
+            let open = match conn.take() {
+                Some(c) if !c.is_closed() => c,
+                _ => {
+                    let identity = cp.identity.current();
+                    cp.client.connect(Trust::Identity(&identity)).await?
+                }
+            };
+            let c = conn.insert(open);
+            c.post_json(DECISIONS_PATH, &BatchRef { decisions: batch })
+                .await
         };
-        let c = conn.insert(open);
-        c.post_json(DECISIONS_PATH, &BatchRef { decisions: batch })
+        tokio::time::timeout(POST_TIMEOUT, attempt)
             .await
-    };
-    tokio::time::timeout(POST_TIMEOUT, attempt)
-        .await
-        .map_err(|_| ClientError::Timeout(cp.client.url().authority()))?
+            .map_err(|_| ClientError::Timeout(cp.client.url().authority()))?
+    }
 }

@@ -30,14 +30,14 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
-use mandate_wire::{DECISIONS_PATH, DecisionRecord, IngestResult};
+use mandate_wire::DecisionRecord;
 use prometheus::{IntCounter, IntGauge};
 use serde::Serialize;
 use tokio::sync::{oneshot, watch};
 
 use super::ControlPlane;
 use super::backoff::Backoff;
-use super::client::{ClientError, Connection, Trust};
+use super::report::Delivery;
 use super::unix_now;
 
 /// A segment is sealed and a new one started once it would grow past this.
@@ -50,8 +50,6 @@ pub const FRAME_HEADER: u64 = 8;
 const MAX_RECORD: u32 = 16 << 20;
 /// Most records written in one group commit.
 const GROUP_MAX: usize = 4096;
-/// One batch's POST may take this long before it is retried.
-const POST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What happens to a call when the spool is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, Serialize)]
@@ -510,12 +508,6 @@ fn count_frames(mut group: &[u8]) -> u64 {
     n
 }
 
-/// The body of `POST /v1/sidecar/decisions`.
-#[derive(Serialize)]
-struct BatchRef<'a> {
-    decisions: &'a [DecisionRecord],
-}
-
 /// The uploader's place in the spool: the segment and offset of the first record not yet
 /// acknowledged.
 #[derive(Debug)]
@@ -577,7 +569,7 @@ async fn upload_loop(
 ) {
     let max = cp.timing.batch_max.max(1);
     let retry = || Backoff::new(cp.timing.upload_retry.0, cp.timing.upload_retry.1);
-    let mut conn: Option<Connection> = None;
+    let mut delivery = Delivery::new(cp.clone());
     let mut cursor = Cursor {
         dir,
         seq,
@@ -627,56 +619,10 @@ async fn upload_loop(
                 }
             }
         }
-        let mut backoff = retry();
-        while !batch.is_empty() {
-            match send(&cp, &mut conn, &batch).await {
-                Ok(result) => {
-                    cp.metrics.decisions_sent.inc_by(batch.len() as u64);
-                    tracing::debug!(
-                        accepted = result.accepted,
-                        duplicates = result.duplicates,
-                        "decision batch delivered"
-                    );
-                    break;
-                }
-                Err(e) => {
-                    conn = None;
-                    let delay = backoff.next_delay();
-                    tracing::warn!(
-                        error = %e,
-                        records = batch.len(),
-                        retry_in = ?delay,
-                        "cannot deliver decision records to the control plane; they stay spooled, retrying"
-                    );
-                    tokio::time::sleep(delay).await;
-                }
-            }
-        }
+        delivery.deliver(&batch, "they stay spooled").await;
         cursor.ack(&frames);
         bytes.sub(frames.bytes as i64);
     }
-}
-
-async fn send(
-    cp: &ControlPlane,
-    conn: &mut Option<Connection>,
-    batch: &[DecisionRecord],
-) -> Result<IngestResult, ClientError> {
-    let attempt = async {
-        let open = match conn.take() {
-            Some(c) if !c.is_closed() => c,
-            _ => {
-                let identity = cp.identity.current();
-                cp.client.connect(Trust::Identity(&identity)).await?
-            }
-        };
-        let c = conn.insert(open);
-        c.post_json(DECISIONS_PATH, &BatchRef { decisions: batch })
-            .await
-    };
-    tokio::time::timeout(POST_TIMEOUT, attempt)
-        .await
-        .map_err(|_| ClientError::Timeout(cp.client.url().authority()))?
 }
 
 #[cfg(test)]
