@@ -15,6 +15,9 @@ use crate::{Sidecar, TestEnv, ports};
 /// How long `mandate serve` may take to answer `/readyz` with 200 (first start generates the CA).
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a pushed policy may take to make a sidecar ready (the push target is 1 s).
+const PUSHED: Duration = Duration::from_secs(10);
+
 /// The admin token every test control plane and CLI call share (tests only: a real one is random).
 const ADMIN_TOKEN: &str = "e2e-admin-token-0123456789abcdef";
 
@@ -275,13 +278,15 @@ impl ControlPlane {
 
     /// A managed pair under `module` (a Rego body, see [`crate::policy::rego`]): the service
     /// `tool` in front of `app` and the agent `research` (ceiling and autonomous scopes
-    /// `{"host": "tool"}`) routing `tool:8080` to it, both enrolled by join token; the module is
-    /// pushed as the policy and `(agent, tool)` returned once both are ready.
+    /// `{"host": "tool"}`, started with `agent_args`) routing `tool:8080` to it, both enrolled by
+    /// join token; the module is pushed as the policy and `(agent, tool)` returned once both are
+    /// ready.
     pub async fn managed_pair(
         &self,
         env: &TestEnv,
         app: SocketAddr,
         module: &str,
+        agent_args: &[&str],
     ) -> anyhow::Result<(Sidecar, Sidecar)> {
         let tool_token = self.register_service("tool").await?;
         let agent_token = self
@@ -293,10 +298,14 @@ impl ControlPlane {
             .app(app)
             .spawn_live()
             .await?;
-        let agent = env
-            .sidecar("agent")
-            .managed(self, &agent_token)
-            .route_to("tool:8080", &tool)
+        let agent = agent_args
+            .iter()
+            .fold(
+                env.sidecar("agent")
+                    .managed(self, &agent_token)
+                    .route_to("tool:8080", &tool),
+                |agent, arg| agent.arg(*arg),
+            )
             .spawn_live()
             .await?;
         let dir = env.dir().join("bundles").join("pair");
@@ -305,11 +314,9 @@ impl ControlPlane {
         self.cli_ok(&["policy", "push", &dir.display().to_string()])
             .await?;
         for sidecar in [&agent, &tool] {
-            crate::eventually(
-                READY_TIMEOUT,
-                &format!("{} ready", sidecar.name()),
-                || async { Ok(sidecar.is_ready().await) },
-            )
+            crate::eventually(PUSHED, &format!("{} ready", sidecar.name()), || async {
+                Ok(sidecar.is_ready().await)
+            })
             .await?;
         }
         Ok((agent, tool))

@@ -91,7 +91,7 @@ async fn tampering_with_the_sqlite_file_is_named_by_audit_verify() {
             .spawn()
             .await?;
         let app = App::start().await?;
-        let (agent, tool) = cp.managed_pair(&env, app.addr(), POLICY).await?;
+        let (agent, tool) = cp.managed_pair(&env, app.addr(), POLICY, &[]).await?;
 
         // Tail from the start while the calls are made.
         let tail_out = env.dir().join("tail.jsonl");

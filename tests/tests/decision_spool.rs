@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use mandate_e2e::apps::App;
 use mandate_e2e::client::proxy_get;
-use mandate_e2e::policy::rego;
 use mandate_e2e::{ControlPlane, Sidecar, TestEnv, ensure_eq, eventually};
 
 const LIMIT: Duration = Duration::from_secs(150);
@@ -27,54 +26,18 @@ decision := {"allow": true, "reason": "allowed prefix"} if {
 	startswith(input.request.path, "/allowed")
 }"#;
 
-async fn push_policy(env: &TestEnv, cp: &ControlPlane) -> anyhow::Result<()> {
-    let dir = env.dir().join("bundle");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("authz.rego"), rego(POLICY))?;
-    std::fs::write(dir.join("data.json"), "{}")?;
-    cp.cli_ok(&["policy", "push", &dir.display().to_string()])
-        .await?;
-    Ok(())
-}
-
-/// The tool (service/tool in front of `app`) and the agent (agent/research, routed to it as
-/// `tool:8080`, with `--state-dir` and `agent_args`), enrolled and ready. Returns `(agent, tool)`.
+/// The tool and the agent (see [`ControlPlane::managed_pair`]), the agent keeping its state (and
+/// so its spool) in [`state_dir`] and started with `agent_args`. Returns `(agent, tool)`.
 async fn setup(
     env: &TestEnv,
     cp: &ControlPlane,
     app: &App,
     agent_args: &[&str],
 ) -> anyhow::Result<(Sidecar, Sidecar)> {
-    let tool_token = cp.register_service("tool").await?;
-    let agent_token = cp
-        .register_agent("research", r#"[{"host": "tool"}]"#)
-        .await?;
-    let tool = env
-        .sidecar("tool")
-        .managed(cp, &tool_token)
-        .app(app.addr())
-        .spawn_live()
-        .await?;
-    let mut agent = env
-        .sidecar("agent")
-        .managed(cp, &agent_token)
-        .route_to("tool:8080", &tool)
-        .arg("--state-dir")
-        .arg(state_dir(env).display().to_string());
-    for a in agent_args {
-        agent = agent.arg(*a);
-    }
-    let agent = agent.spawn_live().await?;
-    push_policy(env, cp).await?;
-    for s in [&agent, &tool] {
-        eventually(
-            Duration::from_secs(10),
-            &format!("{} ready", s.name()),
-            || async { Ok(s.is_ready().await) },
-        )
-        .await?;
-    }
-    Ok((agent, tool))
+    let state = state_dir(env).display().to_string();
+    let mut args = vec!["--state-dir", state.as_str()];
+    args.extend_from_slice(agent_args);
+    cp.managed_pair(env, app.addr(), POLICY, &args).await
 }
 
 fn state_dir(env: &TestEnv) -> std::path::PathBuf {

@@ -164,6 +164,7 @@ async fn prometheus_config_alerts_scrapes_and_dashboard_pass_promtool() {
 decision := {"allow": true, "reason": "allowed prefix"} if {
 	startswith(input.request.path, "/allowed")
 }"#,
+                &[],
             )
             .await?;
         let allowed = proxy_get(agent.outbound(), "http://tool:8080/allowed/x", &[]).await?;

@@ -132,6 +132,7 @@ async fn a_real_prometheus_counts_the_decisions_made_and_loads_the_alert_rules_h
 decision := {"allow": true, "reason": "allowed prefix"} if {
 	startswith(input.request.path, "/allowed")
 }"#,
+                &[],
             )
             .await?;
 
