@@ -17,6 +17,38 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::cli::AppArgs;
+use crate::procs::{self, Child, Pinner, Spawn};
+use crate::topology::BODY_BYTES;
+
+/// Starts the app (this binary's `app` subcommand, answering `BODY_BYTES`) on a free loopback
+/// port, pinned to `cpus` and logging into `log_dir`; returns it once the port answers.
+pub fn start(
+    pinner: &Pinner,
+    cpus: &[usize],
+    log_dir: &std::path::Path,
+) -> anyhow::Result<(Child, SocketAddr)> {
+    let addr = procs::free_ports(1)?[0];
+    let exe = std::env::current_exe().context("locating our own binary for the app process")?;
+    let mut app = Child::spawn(
+        pinner,
+        Spawn {
+            name: "app",
+            program: &exe,
+            args: vec![
+                "app".into(),
+                "--listen".into(),
+                addr.to_string().into(),
+                "--body-bytes".into(),
+                BODY_BYTES.to_string().into(),
+            ],
+            cpus,
+            env: vec![],
+            log_dir,
+        },
+    )?;
+    app.wait_for_port(addr, Duration::from_secs(10))?;
+    Ok((app, addr))
+}
 
 /// Runs the app until killed.
 pub fn run(args: &AppArgs) -> anyhow::Result<()> {

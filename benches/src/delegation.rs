@@ -787,26 +787,7 @@ async fn pair(
     )
     .await?;
 
-    let app_addr = procs::free_ports(1)?[0];
-    let exe = std::env::current_exe().context("locating our own binary for the app process")?;
-    let mut app = Child::spawn(
-        &pinner,
-        Spawn {
-            name: "app",
-            program: &exe,
-            args: os_args([
-                "app".to_owned(),
-                "--listen".to_owned(),
-                app_addr.to_string(),
-                "--body-bytes".to_owned(),
-                BODY_BYTES.to_string(),
-            ]),
-            cpus: cpus_load,
-            env: vec![],
-            log_dir: &dir,
-        },
-    )?;
-    app.wait_for_port(app_addr, Duration::from_secs(10))?;
+    let (mut app, app_addr) = crate::app::start(&pinner, cpus_load, &dir)?;
 
     let policy_dir = std::fs::canonicalize(&args.policy_dir)
         .with_context(|| format!("--policy-dir {}", args.policy_dir.display()))?;

@@ -22,9 +22,9 @@ use crate::control_plane::{self, Part, Serve, TARGET_INGEST_PER_S, TRUST_DOMAIN}
 use crate::delegation::{self, Sidecar};
 use crate::loadgen::{self, Outcome, Target};
 use crate::postgres::Postgres;
-use crate::procs::{self, Child, Pinner, Spawn, TempDir};
+use crate::procs::{Child, Pinner, TempDir};
 use crate::rss;
-use crate::topology::{BODY_BYTES, SetupError, TOOL_AUTHORITY, os_args};
+use crate::topology::{BODY_BYTES, SetupError, TOOL_AUTHORITY};
 
 /// Target: the pair's added latency over direct with the spool on, p99, ms.
 pub const TARGET_ADDED_P99_MS: f64 = 0.35;
@@ -275,26 +275,7 @@ async fn base(
         pinner: &pinner,
     };
     let serve = Serve::start(&ctx, "serve", url, &[]).await?;
-    let app_addr = procs::free_ports(1)?[0];
-    let exe = std::env::current_exe().context("locating our own binary for the app process")?;
-    let mut app = Child::spawn(
-        &pinner,
-        Spawn {
-            name: "app",
-            program: &exe,
-            args: os_args([
-                "app".to_owned(),
-                "--listen".to_owned(),
-                app_addr.to_string(),
-                "--body-bytes".to_owned(),
-                BODY_BYTES.to_string(),
-            ]),
-            cpus: cpus_load,
-            env: vec![],
-            log_dir: dir,
-        },
-    )?;
-    app.wait_for_port(app_addr, Duration::from_secs(10))?;
+    let (app, app_addr) = crate::app::start(&pinner, cpus_load, dir)?;
     let policy_dir = std::fs::canonicalize(&args.policy_dir)
         .with_context(|| format!("--policy-dir {}", args.policy_dir.display()))?;
     serve

@@ -11,7 +11,7 @@ use http::{HeaderValue, Uri};
 use crate::certs::{self, Certs};
 use crate::cli::BenchArgs;
 use crate::loadgen::{self, Outcome, Target};
-use crate::procs::{self, Child, Pinner, Spawn, TempDir};
+use crate::procs::{self, Child, Pinner, TempDir};
 use crate::report::{self, Machine, Report};
 use crate::rss::{self, Mem, Sampler};
 use crate::{control_plane, delegation, ingest, jitter, mandate, nginx, policy};
@@ -368,26 +368,7 @@ async fn run_all(
     let tmp = TempDir::new(args.keep_tmp)?;
     let certs = certs::mint(&tmp.path().join("certs"))?;
     let pinner = Pinner::new();
-    let app_addr = procs::free_ports(1)?[0];
-    let exe = std::env::current_exe().context("locating our own binary for the app process")?;
-    let mut app = Child::spawn(
-        &pinner,
-        Spawn {
-            name: "app",
-            program: &exe,
-            args: vec![
-                "app".into(),
-                "--listen".into(),
-                app_addr.to_string().into(),
-                "--body-bytes".into(),
-                BODY_BYTES.to_string().into(),
-            ],
-            cpus: cpus_load,
-            env: vec![],
-            log_dir: tmp.path(),
-        },
-    )?;
-    app.wait_for_port(app_addr, Duration::from_secs(10))?;
+    let (mut app, app_addr) = crate::app::start(&pinner, cpus_load, tmp.path())?;
     let env = Env {
         args,
         tmp: tmp.path(),
