@@ -642,11 +642,6 @@ pub fn registry(statuses: &[(&str, &str, WorkloadStatus)]) -> Registry {
     registry
 }
 
-pub fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 /// A managed sidecar's listeners.
 pub struct Sidecar {
     pub outbound: SocketAddr,
@@ -659,9 +654,9 @@ pub struct Sidecar {
 pub fn spawn_sidecar(cp: &FakeControlPlane, id: &str, extra: &[String]) -> Sidecar {
     let token = cp.token(id).expose();
     let s = Sidecar {
-        outbound: free_addr(),
-        inbound: free_addr(),
-        admin: free_addr(),
+        outbound: mandate_e2e::ports::free_addr(),
+        inbound: mandate_e2e::ports::free_addr(),
+        admin: mandate_e2e::ports::free_addr(),
     };
     let mut argv: Vec<String> = [
         "mandate-proxy",
