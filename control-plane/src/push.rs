@@ -589,6 +589,7 @@ mod tests {
                 ceiling: vec![],
                 autonomous: vec![],
                 labels: Default::default(),
+                reach: Default::default(),
             },
         );
         r

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mandate_identity::{SpiffeId, TrustDomain};
-use mandate_wire::JoinToken;
+use mandate_wire::{JoinToken, Reach};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -51,6 +51,9 @@ pub struct RegisterRequest {
     /// Free-form labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// How callers reach it through the mesh.
+    #[serde(default)]
+    pub reach: Reach,
 }
 
 /// The answer to a registration: the workload and its first join token.
@@ -240,6 +243,9 @@ pub fn validate(
     validate_ceiling(&req.ceiling)?;
     validate_scopes("autonomous", &req.autonomous)?;
     validate_labels(&req.labels)?;
+    req.reach
+        .validate()
+        .map_err(|e| invalid(format!("reach.{}", e.field), e.message))?;
     let spiffe_id = spiffe_id(kind, trust_domain, &req.name)?;
     Ok(NewWorkload {
         name: req.name,
@@ -250,6 +256,7 @@ pub fn validate(
         ceiling: req.ceiling,
         autonomous: req.autonomous,
         labels: req.labels,
+        reach: req.reach,
     })
 }
 
@@ -456,6 +463,22 @@ mod tests {
         assert_eq!(e.field, "autonomous[0].hots");
         let e = refusal(json!({"name": "a", "owner": "o", "autonomous": ["search"]}));
         assert_eq!(e.field, "autonomous[0]");
+    }
+
+    #[test]
+    fn reach_is_checked_and_kept() {
+        let new = validate(
+            WorkloadKind::Service,
+            &td(),
+            req(json!({"name": "tool", "owner": "o",
+                       "reach": {"addresses": ["tool:8080"], "inbound": "tool:15006"}})),
+        )
+        .unwrap();
+        assert_eq!(new.reach.addresses, ["tool:8080"]);
+        assert_eq!(new.reach.inbound.as_deref(), Some("tool:15006"));
+        let e = refusal(json!({"name": "a", "owner": "o", "reach": {"addresses": ["tool"]}}));
+        assert_eq!(e.field, "reach.addresses[0]");
+        assert!(e.message.contains("port is missing"), "{}", e.message);
     }
 
     #[test]

@@ -186,6 +186,7 @@ mod tests {
                     ceiling: vec![],
                     autonomous: vec![],
                     labels: BTreeMap::new(),
+                    reach: Default::default(),
                 },
             );
         }

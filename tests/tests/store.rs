@@ -15,7 +15,8 @@ use mandate_e2e::within;
 use mandate_identity::TrustDomain;
 use mandate_identity::ca::CertificateAuthority;
 use mandate_wire::{
-    DecisionRecord, DelegationRecord, DestinationRecord, Direction, McpRecord, SignedBundle,
+    DecisionRecord, DelegationRecord, DestinationRecord, Direction, McpRecord, Reach,
+    RouteProtocol, SignedBundle,
 };
 use serde_json::json;
 use sqlx::Connection as _;
@@ -97,6 +98,7 @@ fn agent(name: &str) -> NewWorkload {
         ceiling: vec![json!({"tool": "search", "methods": ["GET"]})],
         autonomous: vec![json!({"tool": "search"})],
         labels: BTreeMap::from([("team".into(), "research".into())]),
+        reach: Reach::default(),
     }
 }
 
@@ -107,6 +109,11 @@ fn service(name: &str) -> NewWorkload {
         ceiling: vec![],
         autonomous: vec![],
         labels: BTreeMap::new(),
+        reach: Reach {
+            addresses: vec![format!("{name}:8080"), "10.0.0.3:8080".into()],
+            inbound: Some(format!("{name}:15006")),
+            protocol: RouteProtocol::Http,
+        },
         ..agent(name)
     }
 }
@@ -451,6 +458,12 @@ async fn registry_snapshot_shape(store: Store, _: &StoreLocation) -> anyhow::Res
         "search"
     );
     assert_eq!(data["services"]["tools"]["autonomous"], json!([]));
+    assert_eq!(
+        data["services"]["tools"]["reach"],
+        json!({"addresses": ["tools:8080", "10.0.0.3:8080"], "inbound": "tools:15006", "protocol": "http"}),
+        "how a service is reached round-trips"
+    );
+    assert!(data["agents"]["research"].get("reach").is_none());
     assert_eq!(data["agents"]["research"]["labels"]["team"], "research");
     assert_eq!(data["agents"]["writer"]["status"], "suspended");
     assert_eq!(data["services"]["tools"]["owner"], "alice@example.com");

@@ -8,6 +8,7 @@ pub mod decision;
 pub mod delegation;
 pub mod join;
 pub mod messages;
+pub mod reach;
 pub mod registry;
 
 pub use bundle::{BundleError, SignedBundle};
@@ -20,4 +21,5 @@ pub use delegation::{
 };
 pub use join::{JoinToken, JoinTokenError};
 pub use messages::*;
+pub use reach::{Reach, RouteProtocol};
 pub use registry::{Registry, RegistryEntry, WorkloadStatus};

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::reach::Reach;
+
 /// Whether a workload may act.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -68,6 +70,9 @@ pub struct RegistryEntry {
     /// Free-form labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// How callers reach it through the mesh; sidecars route these addresses to it.
+    #[serde(default, skip_serializing_if = "Reach::is_empty")]
+    pub reach: Reach,
 }
 
 /// The whole registry at one revision.
@@ -123,6 +128,7 @@ mod tests {
             ceiling: vec![],
             autonomous: vec![],
             labels: BTreeMap::new(),
+            reach: Reach::default(),
         }
     }
 

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
+use mandate_wire::{Reach, RouteProtocol};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -117,6 +118,17 @@ pub struct RegisterArgs {
     /// A label (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<Label>,
+    /// An address callers reach it by, HOST:PORT (a DNS name or an IP), e.g. tool:8080
+    /// (repeatable). Every managed sidecar routes calls to these addresses to it over mTLS.
+    #[arg(long = "address", value_name = "HOST:PORT")]
+    pub addresses: Vec<String>,
+    /// Where its sidecar accepts mTLS, HOST:PORT, e.g. tool:15006 (docker-compose). Default: the
+    /// called address itself, for workloads whose inbound TCP init-iptables redirects (Kubernetes).
+    #[arg(long, value_name = "HOST:PORT", requires = "addresses")]
+    pub inbound: Option<String>,
+    /// How calls to its addresses are carried: http, or tcp for opaque streams (databases).
+    #[arg(long, value_name = "PROTOCOL", value_parser = parse_protocol, requires = "addresses")]
+    pub protocol: Option<RouteProtocol>,
 }
 
 /// The scope objects one `--ceiling` or `--autonomous` gives.
@@ -147,6 +159,15 @@ pub fn parse_scopes(s: &str) -> Result<Scopes, String> {
             "must be a JSON scope object such as '{\"host\":\"tool\"}', or an array of them"
                 .to_owned(),
         ),
+    }
+}
+
+/// Parses `--protocol http|tcp`.
+fn parse_protocol(s: &str) -> Result<RouteProtocol, String> {
+    match s {
+        "http" => Ok(RouteProtocol::Http),
+        "tcp" => Ok(RouteProtocol::Tcp),
+        _ => Err("must be http or tcp".to_owned()),
     }
 }
 
@@ -189,6 +210,9 @@ pub struct RegisterRequest {
     /// Labels.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// How callers reach it through the mesh.
+    #[serde(skip_serializing_if = "Reach::is_empty")]
+    pub reach: Reach,
 }
 
 impl RegisterRequest {
@@ -218,6 +242,11 @@ impl RegisterRequest {
             ceiling,
             autonomous: concat(&args.autonomous),
             labels,
+            reach: Reach {
+                addresses: args.addresses.clone(),
+                inbound: args.inbound.clone(),
+                protocol: args.protocol.unwrap_or_default(),
+            },
         })
     }
 }
@@ -252,6 +281,9 @@ pub struct Workload {
     /// Labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// How callers reach it through the mesh.
+    #[serde(default)]
+    pub reach: Reach,
     /// `active`, `suspended` or `revoked`.
     pub status: String,
     /// When registered (RFC 3339).
@@ -413,6 +445,19 @@ pub fn list_table(workloads: &[Workload]) -> String {
     t.render()
 }
 
+/// `tool:8080, 10.0.0.3:8080 (inbound tool:15006, http)`, or empty when not reachable by address.
+fn reach_summary(reach: &Reach) -> String {
+    if reach.addresses.is_empty() {
+        return String::new();
+    }
+    let inbound = reach.inbound.as_deref().unwrap_or("the called address");
+    format!(
+        "{} (inbound {inbound}, {})",
+        reach.addresses.join(", "),
+        reach.protocol.as_str()
+    )
+}
+
 /// A registration as `key: value` lines.
 pub fn key_values(w: &Workload) -> String {
     let labels = w
@@ -423,6 +468,7 @@ pub fn key_values(w: &Workload) -> String {
         .join(", ");
     let ceiling = serde_json::to_string(&w.ceiling).unwrap_or_default();
     let autonomous = serde_json::to_string(&w.autonomous).unwrap_or_default();
+    let reach = reach_summary(&w.reach);
     let rows = [
         ("name", w.name.as_str()),
         ("kind", w.kind.as_str()),
@@ -433,6 +479,7 @@ pub fn key_values(w: &Workload) -> String {
         ("ceiling", ceiling.as_str()),
         ("autonomous", autonomous.as_str()),
         ("labels", labels.as_str()),
+        ("reach", reach.as_str()),
         ("created", w.created_at.as_str()),
         ("updated", w.updated_at.as_str()),
     ];

@@ -118,6 +118,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "audit chain",
         include_str!("../../migrations/0005_audit_chain.sql"),
     ),
+    (6, "reach", include_str!("../../migrations/0006_reach.sql")),
 ];
 
 #[derive(Debug)]

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 pub use mandate_wire::{
-    DecisionRecord, IngestResult, Registry, RegistryEntry, SignedBundle, WorkloadStatus,
+    DecisionRecord, IngestResult, Reach, Registry, RegistryEntry, SignedBundle, WorkloadStatus,
 };
 
 pub use approvals::{
@@ -180,6 +180,8 @@ pub struct NewWorkload {
     pub autonomous: Vec<serde_json::Value>,
     /// Free-form labels.
     pub labels: BTreeMap<String, String>,
+    /// How callers reach it through the mesh.
+    pub reach: Reach,
 }
 
 /// A registered workload, as the API shows it.
@@ -202,6 +204,9 @@ pub struct Workload {
     pub autonomous: Vec<serde_json::Value>,
     /// Free-form labels.
     pub labels: BTreeMap<String, String>,
+    /// How callers reach it through the mesh.
+    #[serde(default, skip_serializing_if = "Reach::is_empty")]
+    pub reach: Reach,
     /// Active, suspended or revoked.
     pub status: WorkloadStatus,
     /// When it was registered (RFC 3339).
@@ -221,6 +226,7 @@ impl Workload {
             ceiling: self.ceiling.clone(),
             autonomous: self.autonomous.clone(),
             labels: self.labels.clone(),
+            reach: self.reach.clone(),
         }
     }
 }
@@ -478,6 +484,7 @@ mod tests {
             ceiling: Vec::new(),
             autonomous: Vec::new(),
             labels: BTreeMap::new(),
+            reach: Reach::default(),
         }));
         send(store.workload(WorkloadKind::Agent, ""));
         send(store.workload_by_spiffe_id(""));

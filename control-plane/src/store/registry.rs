@@ -14,11 +14,12 @@ use super::{
 macro_rules! workload_columns {
     () => {
         "name, kind, spiffe_id, owner, description, ceiling, autonomous, labels, status, created_at, \
-         updated_at"
+         updated_at, reach"
     };
 }
 
 type WorkloadRow = (
+    String,
     String,
     String,
     String,
@@ -48,6 +49,7 @@ fn workload_from_row(row: WorkloadRow) -> Result<Workload, StoreError> {
         status,
         created_at,
         updated_at,
+        reach,
     ) = row;
     let corrupt =
         |what: &str, why: String| StoreError::Corrupt(format!("{kind} {name}: {what}: {why}"));
@@ -59,6 +61,7 @@ fn workload_from_row(row: WorkloadRow) -> Result<Workload, StoreError> {
     let autonomous =
         serde_json::from_str(&autonomous).map_err(|e| corrupt("autonomous", e.to_string()))?;
     let labels = serde_json::from_str(&labels).map_err(|e| corrupt("labels", e.to_string()))?;
+    let reach = serde_json::from_str(&reach).map_err(|e| corrupt("reach", e.to_string()))?;
     Ok(Workload {
         name,
         kind: kind_parsed,
@@ -68,6 +71,7 @@ fn workload_from_row(row: WorkloadRow) -> Result<Workload, StoreError> {
         ceiling,
         autonomous,
         labels,
+        reach,
         status,
         created_at,
         updated_at,
@@ -132,6 +136,7 @@ impl Store {
         let autonomous =
             serde_json::to_string(&w.autonomous).map_err(|e| invalid("autonomous", e))?;
         let labels = serde_json::to_string(&w.labels).map_err(|e| invalid("labels", e))?;
+        let reach = serde_json::to_string(&w.reach).map_err(|e| invalid("reach", e))?;
         let now = now_rfc3339();
         let status = WorkloadStatus::Active;
         on_pool!(self, pool => {
@@ -140,7 +145,7 @@ impl Store {
             // abort the transaction before we could look up which name was taken.
             let inserted = sqlx::query(concat!(
                 "INSERT INTO workloads (", workload_columns!(), ") ",
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) ON CONFLICT DO NOTHING"
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11) ON CONFLICT DO NOTHING"
             ))
             .bind(&w.name)
             .bind(w.kind.as_str())
@@ -152,6 +157,7 @@ impl Store {
             .bind(&labels)
             .bind(status.as_str())
             .bind(&now)
+            .bind(&reach)
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -187,6 +193,7 @@ impl Store {
             ceiling: w.ceiling.clone(),
             autonomous: w.autonomous.clone(),
             labels: w.labels.clone(),
+            reach: w.reach.clone(),
             status,
             created_at: now.clone(),
             updated_at: now,
@@ -315,11 +322,12 @@ impl Store {
             Option<String>,
             Option<String>,
             Option<String>,
+            Option<String>,
         );
         let rows: Vec<Row> = on_pool!(self, pool => {
             sqlx::query_as(
                 "SELECT s.registry_revision, w.kind, w.name, w.spiffe_id, w.status, w.owner, \
-                 w.description, w.ceiling, w.autonomous, w.labels \
+                 w.description, w.ceiling, w.autonomous, w.labels, w.reach \
                  FROM state s LEFT JOIN workloads w ON 1 = 1 WHERE s.id = 1",
             )
             .fetch_all(pool)
@@ -337,6 +345,7 @@ impl Store {
             ceiling,
             autonomous,
             labels,
+            reach,
         ) in rows
         {
             registry.revision = u64::try_from(revision)
@@ -351,6 +360,7 @@ impl Store {
                 Some(ceiling),
                 Some(autonomous),
                 Some(labels),
+                Some(reach),
             ) = (
                 kind,
                 name,
@@ -361,6 +371,7 @@ impl Store {
                 ceiling,
                 autonomous,
                 labels,
+                reach,
             )
             else {
                 // The one row of an empty registry: the revision and no workload.
@@ -381,6 +392,7 @@ impl Store {
                     .map_err(|e| corrupt("autonomous", e.to_string()))?,
                 labels: serde_json::from_str::<BTreeMap<String, String>>(&labels)
                     .map_err(|e| corrupt("labels", e.to_string()))?,
+                reach: serde_json::from_str(&reach).map_err(|e| corrupt("reach", e.to_string()))?,
             };
             match WorkloadKind::parse(&kind) {
                 Some(WorkloadKind::Agent) => registry.agents.insert(name, entry),
