@@ -9,6 +9,7 @@ pub mod authz;
 pub mod config;
 pub mod decisions;
 pub mod delegation;
+pub mod discovery;
 pub mod headers;
 pub mod identity;
 pub mod inbound;
@@ -40,6 +41,7 @@ use crate::authz::{Authorizer, Recorders};
 use crate::config::{Config, ManagedConfig, Mode, PolicyConfig, SpoolConfig};
 use crate::decisions::DecisionLog;
 use crate::delegation::{ControlPlaneCalls, Verifier};
+use crate::discovery::Routes;
 use crate::identity::IdentityStore;
 use crate::inbound::Inbound;
 use crate::metrics::Metrics;
@@ -126,14 +128,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     let sync_cancel = CancellationToken::new();
+    let routes = Arc::new(Routes::new(&config.routes));
     if let (Some((cp, renew_now)), Some(authz)) = (&managed, &authz) {
-        let applier = Arc::new(Applier::new(
-            identity.clone(),
-            authz.policy().clone(),
-            delegation.clone(),
-            metrics.clone(),
-            cp.state.clone(),
-        ));
+        let applier = Arc::new(
+            Applier::new(
+                identity.clone(),
+                authz.policy().clone(),
+                delegation.clone(),
+                metrics.clone(),
+                cp.state.clone(),
+            )
+            .with_routes(routes.clone()),
+        );
+        tokio::spawn(routes.clone().keep_resolved(sync_cancel.clone()));
         // The last applied bundle and registry, before the stream resumes from them.
         applier.restore();
         tokio::spawn(sync::svid::renew_loop(
@@ -161,14 +168,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(admin.serve(admin_listener));
 
     let Config {
-        routes,
         trust_domain,
         app,
         drain_timeout,
         ..
     } = config;
     let outbound = Arc::new(Outbound::new(
-        Arc::new(routes),
+        routes,
         identity.clone(),
         metrics.clone(),
         authz.clone(),

@@ -21,19 +21,20 @@ use tokio_util::sync::CancellationToken;
 use crate::approval::APPROVED_BY;
 use crate::authz::{AuthorizedHttp, Authorizer, Credentials, DECISION_ID, Decision};
 use crate::delegation::{self, APPROVAL, Presented, Presenter, Verifier};
+use crate::discovery::Routes;
 use crate::headers::{ProxyBody, json_response, strip_identity_headers};
 use crate::identity::{Identity, IdentityStore};
 use crate::input::Destination;
 use crate::metrics::{ConnectionGuard, Direction, Metrics};
 use crate::relay;
-use crate::routes::{Route, RouteProtocol, RouteTable, split_host_port};
+use crate::routes::{Route, RouteProtocol, split_host_port};
 use crate::server::{HttpProtocol, serve_http};
 use crate::trace::ensure_traceparent;
 use crate::upstream::{ConnectError, MeshClients, connect_mesh, find_connect_error, mesh_clients};
 
 /// The outbound side of the sidecar.
 pub struct Outbound {
-    routes: Arc<RouteTable>,
+    routes: Arc<Routes>,
     identity: Arc<IdentityStore>,
     metrics: Arc<Metrics>,
     mesh: MeshClients,
@@ -46,7 +47,7 @@ impl Outbound {
     /// Outbound side for `routes`; delegation tokens the agent presents are verified by
     /// `delegation`.
     pub fn new(
-        routes: Arc<RouteTable>,
+        routes: Arc<Routes>,
         identity: Arc<IdentityStore>,
         metrics: Arc<Metrics>,
         authz: Option<Arc<Authorizer>>,
@@ -115,7 +116,7 @@ impl Outbound {
     async fn serve_agent(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let pinned = match redirected_destination(&tcp) {
             None => None,
-            Some(dst) => match self.routes.find_by_ip(dst) {
+            Some(dst) => match self.routes.current().find_by_ip(dst) {
                 Some(route) if route.protocol == RouteProtocol::Tcp => {
                     let route = route.clone();
                     return self.tunnel(tcp, &route).await;
@@ -200,7 +201,7 @@ impl Outbound {
                         );
                     }
                 };
-                match self.routes.find(&host, port) {
+                match self.routes.current().find(&host, port) {
                     Some(route) => route.clone(),
                     None => return self.refuse_unrouted(&parts, &host, port),
                 }

@@ -66,15 +66,7 @@ pub enum RouteError {
     Conflict(String),
 }
 
-/// How the bytes of a route are carried.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RouteProtocol {
-    /// HTTP/1.1 or HTTP/2, proxied request by request.
-    Http,
-    /// Opaque bytes, decided once per connection.
-    Tcp,
-}
+pub use mandate_wire::reach::{RouteProtocol, split_host_port};
 
 /// One meshed destination.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -105,6 +97,33 @@ pub(crate) fn serialize_display<S: serde::Serializer, T: fmt::Display>(
 }
 
 impl Route {
+    /// A route to `id`'s sidecar at `addr` for calls to `host:port` (host lowercase, as
+    /// [`split_host_port`] gives it).
+    pub fn new(
+        host: String,
+        port: u16,
+        addr: SocketAddr,
+        id: SpiffeId,
+        protocol: RouteProtocol,
+    ) -> Result<Self, &'static str> {
+        let authority = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        }
+        .parse()
+        .map_err(|_| "not a valid host name")?;
+        Ok(Route {
+            authority,
+            host,
+            port,
+            addr,
+            id,
+            protocol,
+            listen: None,
+        })
+    }
+
     /// `host:port`, the key the route is found by.
     pub fn authority(&self) -> &str {
         self.authority.as_str()
@@ -171,22 +190,13 @@ impl FromStr for Route {
                 why: "listen= needs protocol=tcp (HTTP routes are reached through the outbound listener)",
             });
         }
-        let authority = format!("{host}:{port}")
-            .parse()
-            .map_err(|_| RouteError::Destination {
+        let route =
+            Route::new(host, port, addr, id, protocol).map_err(|why| RouteError::Destination {
                 route: s.to_owned(),
                 dest: dest.to_owned(),
-                why: "not a valid host name",
+                why,
             })?;
-        Ok(Route {
-            authority,
-            host,
-            port,
-            addr,
-            id,
-            protocol,
-            listen,
-        })
+        Ok(Route { listen, ..route })
     }
 }
 
@@ -196,36 +206,6 @@ fn parse_addr(route: &str, field: &'static str, value: &str) -> Result<SocketAdd
         field,
         value: value.to_owned(),
     })
-}
-
-/// Splits `host[:port]` (IPv6 in brackets), lowercasing the host; `default_port` when none is given.
-pub fn split_host_port(authority: &str, default_port: u16) -> Result<(String, u16), &'static str> {
-    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
-        let (h, after) = rest.split_once(']').ok_or("unclosed '[' in IPv6 address")?;
-        match after.strip_prefix(':') {
-            Some(p) => (h, Some(p)),
-            None if after.is_empty() => (h, None),
-            None => return Err("unexpected text after ']'"),
-        }
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (authority, None),
-        }
-    };
-    if host.is_empty() {
-        return Err("empty host");
-    }
-    let port = match port {
-        Some(p) => p
-            .parse::<u16>()
-            .map_err(|_| "port is not a number 1-65535")?,
-        None => default_port,
-    };
-    if port == 0 {
-        return Err("port 0");
-    }
-    Ok((host.to_ascii_lowercase(), port))
 }
 
 /// All routes, found by destination host and port.
@@ -267,6 +247,36 @@ impl RouteTable {
             table.routes.push(r);
         }
         Ok(table)
+    }
+
+    /// This table plus `more` routes, each kept only if it claims no destination already routed
+    /// (the given routes win; `--route` flags are given first). A skipped route is logged.
+    pub fn extended(&self, more: Vec<Route>) -> RouteTable {
+        let mut table = RouteTable {
+            by_host: self.by_host.clone(),
+            routes: self.routes.clone(),
+        };
+        for r in more {
+            if let Some(taken) = table.find(&r.host, r.port) {
+                if taken.id != r.id {
+                    tracing::warn!(
+                        destination = %r.authority(),
+                        kept = %taken.id,
+                        skipped = %r.id,
+                        "two workloads claim one address; keeping the first"
+                    );
+                }
+                continue;
+            }
+            let r = Arc::new(r);
+            table
+                .by_host
+                .entry(r.host.clone())
+                .or_default()
+                .push(r.clone());
+            table.routes.push(r);
+        }
+        table
     }
 
     /// The route for a destination the agent named (host is matched case-insensitively).
@@ -389,13 +399,5 @@ mod tests {
                 .to_string()
                 .contains("two identities")
         );
-    }
-
-    #[test]
-    fn host_port_splitting() {
-        assert_eq!(split_host_port("[::1]:8080", 80), Ok(("::1".into(), 8080)));
-        assert_eq!(split_host_port("[::1]", 443), Ok(("::1".into(), 443)));
-        assert!(split_host_port(":80", 80).is_err());
-        assert!(split_host_port("a:0", 80).is_err());
     }
 }

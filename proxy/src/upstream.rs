@@ -23,11 +23,12 @@ use tokio_rustls::client::TlsStream;
 
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
+use crate::discovery::Routes;
 use crate::headers::ProxyBody;
 use crate::identity::{Identity, IdentityStore};
 use crate::metrics::{Direction, Metrics};
 use crate::revocation::ConnectionGuard;
-use crate::routes::{Route, RouteTable, split_host_port};
+use crate::routes::{Route, split_host_port};
 use crate::tls::{self, ALPN_H2};
 
 /// Time allowed for TCP connect plus TLS handshake to a peer or the app.
@@ -247,7 +248,7 @@ impl From<http::Version> for HttpVersion {
 /// hyper connector to peer sidecars: the URI authority names the route (`host:port`).
 #[derive(Clone)]
 pub struct MeshConnector {
-    routes: Arc<RouteTable>,
+    routes: Arc<Routes>,
     identity: Arc<IdentityStore>,
     metrics: Arc<Metrics>,
     version: HttpVersion,
@@ -268,7 +269,7 @@ impl tower_service::Service<Uri> for MeshConnector {
             let authority = uri.authority().map_or("", |a| a.as_str());
             let route = split_host_port(authority, 80)
                 .ok()
-                .and_then(|(host, port)| this.routes.find(&host, port).cloned())
+                .and_then(|(host, port)| this.routes.current().find(&host, port).cloned())
                 .ok_or_else(|| ConnectError::NoRoute(authority.to_owned()))?;
             let identity: Arc<Identity> = this.identity.current();
             let config = match this.version {
@@ -344,7 +345,7 @@ pub type MeshClients = VersionedClients<MeshConnector>;
 
 /// Clients that dial routes from `routes` with the identity in force at connect time.
 pub fn mesh_clients(
-    routes: Arc<RouteTable>,
+    routes: Arc<Routes>,
     identity: Arc<IdentityStore>,
     metrics: Arc<Metrics>,
 ) -> MeshClients {

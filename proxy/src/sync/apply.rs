@@ -10,6 +10,7 @@ use mandate_wire::{DelegationState, Registry, SignedBundle};
 
 use super::state::StateDir;
 use crate::delegation::Verifier;
+use crate::discovery::Routes;
 use crate::identity::IdentityStore;
 use crate::metrics::Metrics;
 use crate::policy::PolicyStore;
@@ -46,6 +47,7 @@ pub struct Applier {
     delegation: Arc<Verifier>,
     metrics: Arc<Metrics>,
     state: Option<StateDir>,
+    routes: Option<Arc<Routes>>,
     applied: Mutex<Applied>,
 }
 
@@ -65,8 +67,15 @@ impl Applier {
             delegation,
             metrics,
             state,
+            routes: None,
             applied: Mutex::new(Applied::default()),
         }
+    }
+
+    /// Also rebuilds `routes` from every registry applied.
+    pub fn with_routes(mut self, routes: Arc<Routes>) -> Self {
+        self.routes = Some(routes);
+        self
     }
 
     /// Where a stream resumes: `(bundle version in force, registry revision applied)`.
@@ -270,6 +279,9 @@ impl Applier {
     }
 
     fn apply_registry(&self, registry: &Registry) {
+        if let Some(routes) = &self.routes {
+            routes.set_registry(registry);
+        }
         let newly = self.identity.apply_registry(registry);
         let own = self.identity.current().svid.id.clone();
         for id in &newly {
