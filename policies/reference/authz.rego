@@ -50,22 +50,22 @@ verdict := deny(sprintf("%s is not registered", [input.source.spiffe_id])) if {
 } else := deny(sprintf("%s is %s, not active", [input.source.spiffe_id, input.registry.status])) if {
 	input.registry.status != "active"
 } else := deny(sprintf("%s may not %s: outside its ceiling", [input.source.name, action])) if {
-	not allows(object.get(input.registry, "ceiling", []), call)
+	not reaches(object.get(input.registry, "ceiling", []))
 } else := allow(sprintf("%s may %s", [input.source.name, action])) if {
 	plumbing
 } else := deny(sprintf("%s may not %s on its own: no delegation, and outside its autonomous scopes", [input.source.name, action])) if {
 	not delegated
-	not allows(object.get(input.registry, "autonomous", []), call)
+	not reaches(object.get(input.registry, "autonomous", []))
 } else := allow(sprintf("%s may %s", [input.source.name, action])) if {
 	not delegated
 } else := deny(sprintf("%s may not %s: not granted by the delegation from %s", [input.source.name, action, input.delegation.subject])) if {
-	not allows(object.get(input.delegation, "scopes", []), call)
+	not reaches(object.get(input.delegation, "scopes", []))
 } else := deny(sprintf("%s may not %s: the delegation from %s has constraint %q, which this policy does not enforce", [input.source.name, action, input.delegation.subject, min(unknown_constraints)])) if {
 	count(unknown_constraints) > 0
 } else := deny(argument_refusal) if {
 	count(failed_arguments) > 0
 } else := {"allow": false, "require_approval": true, "reason": sprintf("%s may not %s yet: the delegation from %s says this call needs approval from %s", [input.source.name, action, input.delegation.subject, input.delegation.subject])} if {
-	allows(object.get(constraints, "require_approval", []), call)
+	reaches(object.get(constraints, "require_approval", []))
 } else := allow(sprintf("%s may %s on behalf of %s", [input.source.name, action, input.delegation.subject]))
 
 deny(reason) := {"allow": false, "reason": reason}
@@ -87,6 +87,18 @@ call := {
 	"tool": object.get(input, ["mcp", "tool"], null),
 	"resource": object.get(input, ["mcp", "uri"], null),
 	"prompt": object.get(input, ["mcp", "prompt"], null),
+}
+
+# A meshed destination is matched by the host the agent called or by its registered name, so a
+# scope {"host": "tool"} reaches the tool service however it is addressed (its name, or an IP
+# under transparent interception).
+calls contains call
+
+calls contains object.union(call, {"host": input.destination.name}) if is_string(input.destination.name)
+
+reaches(scopes) if {
+	some attributes in calls
+	allows(scopes, attributes)
 }
 
 protocol := "http" if input.request

@@ -350,3 +350,15 @@ test_inbound_applies_the_same_rules_to_the_caller if {
 	not authz.decision.allow with input as object.union(tool_call("create_issue"), {"direction": "inbound"})
 	authz.decision.allow with input as delegated(object.union(tool_call("create_issue"), {"direction": "inbound"}), [{"tool": "create_issue"}], {})
 }
+
+# Under transparent interception the agent calls the tool by IP: the tool's registered name still
+# matches scopes on host "tool".
+test_a_meshed_destination_called_by_ip_matches_scopes_on_its_name if {
+	by_ip := object.union(tool_call("search"), {"destination": {"host": "10.77.0.3", "port": 8080, "spiffe_id": "spiffe://mandate.local/service/tool", "name": "tool", "external": false}})
+	authz.decision.allow with input as by_ip
+}
+
+test_an_ip_that_is_not_the_tool_does_not_match_scopes_on_the_tool if {
+	other := object.union(tool_call("search"), {"destination": {"host": "10.77.0.3", "port": 15006, "external": true}})
+	not authz.decision.allow with input as other
+}
