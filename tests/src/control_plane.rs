@@ -30,6 +30,7 @@ pub struct ControlPlaneBuilder<'a> {
     name: String,
     database_url: Option<String>,
     args: Vec<String>,
+    listen: SocketAddr,
 }
 
 impl<'a> ControlPlaneBuilder<'a> {
@@ -39,7 +40,14 @@ impl<'a> ControlPlaneBuilder<'a> {
             name: name.to_owned(),
             database_url: None,
             args: Vec::new(),
+            listen: ports::free_addr(),
         }
+    }
+
+    /// Serves the API on `ip` (a free port) instead of loopback: for pods in other namespaces.
+    pub fn listen_ip(mut self, ip: std::net::IpAddr) -> Self {
+        self.listen.set_ip(ip);
+        self
     }
 
     /// `--database-url URL`: PostgreSQL instead of the embedded SQLite.
@@ -62,7 +70,7 @@ impl<'a> ControlPlaneBuilder<'a> {
             name: self.name,
             env_logs: self.env.logs().clone(),
             child: None,
-            listen: ports::free_addr(),
+            listen: self.listen,
             metrics: ports::free_addr(),
             data_dir: dir.join("data"),
             database_url: self.database_url,

@@ -10,6 +10,7 @@ pub mod client;
 pub mod control_plane;
 pub mod metrics;
 pub mod pki;
+pub mod pod;
 pub mod policy;
 pub mod ports;
 pub mod postgres;

@@ -32,6 +32,7 @@ pub struct SidecarBuilder<'a> {
     tcp_listens: usize,
     decision_log: bool,
     managed: Option<Managed>,
+    pod: Option<crate::pod::Pod>,
 }
 
 /// Managed mode: where the control plane is and the join token to enrol with (none when the
@@ -68,7 +69,15 @@ impl<'a> SidecarBuilder<'a> {
             tcp_listens: 0,
             decision_log: false,
             managed: None,
+            pod: None,
         }
+    }
+
+    /// Runs inside `pod`'s network namespace on the ports a pod's sidecar uses: outbound
+    /// 127.0.0.1:15001, inbound 0.0.0.0:15006, admin 0.0.0.0:15000 (reached at the pod's address).
+    pub fn in_pod(mut self, pod: &crate::pod::Pod) -> Self {
+        self.pod = Some(pod.clone());
+        self
     }
 
     /// Runs with a good SVID for `shorthand` (`agent/NAME`, `service/NAME`) issued by the test CA.
@@ -252,9 +261,21 @@ impl<'a> SidecarBuilder<'a> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let outbound = ports::free_addr();
-            let inbound = ports::free_addr();
-            let admin = ports::free_addr();
+            // (where it is reached, where it binds)
+            let ((outbound, inbound, admin), binds) = match &self.pod {
+                Some(pod) => (
+                    (
+                        SocketAddr::from(([127, 0, 0, 1], 15001)),
+                        SocketAddr::new(pod.ip, 15006),
+                        SocketAddr::new(pod.ip, 15000),
+                    ),
+                    Some(["127.0.0.1:15001", "0.0.0.0:15006", "0.0.0.0:15000"]),
+                ),
+                None => (
+                    (ports::free_addr(), ports::free_addr(), ports::free_addr()),
+                    None,
+                ),
+            };
             let tcp_listens: Vec<SocketAddr> =
                 (0..self.tcp_listens).map(|_| ports::free_addr()).collect();
             let log = dir.join(format!("stderr-{attempt}.log"));
@@ -266,7 +287,10 @@ impl<'a> SidecarBuilder<'a> {
             };
             self.env.logs().register(&log_name, log.clone());
 
-            let mut cmd = Command::new(&bin);
+            let mut cmd = match &self.pod {
+                Some(pod) => pod.command(&bin),
+                None => Command::new(&bin),
+            };
             cmd.arg("--trust-domain").arg(crate::pki::TRUST_DOMAIN);
             match &self.managed {
                 // The token travels in the environment, not argv, where `ps` would show it.
@@ -279,12 +303,16 @@ impl<'a> SidecarBuilder<'a> {
                     .arg("--bundle")
                     .arg(&bundle),
             };
+            let [bind_outbound, bind_inbound, bind_admin] = binds.map_or_else(
+                || [outbound, inbound, admin].map(|a| a.to_string()),
+                |b| b.map(str::to_owned),
+            );
             cmd.arg("--outbound")
-                .arg(outbound.to_string())
+                .arg(bind_outbound)
                 .arg("--inbound")
-                .arg(inbound.to_string())
+                .arg(bind_inbound)
                 .arg("--admin")
-                .arg(admin.to_string())
+                .arg(bind_admin)
                 .arg("--workers")
                 .arg("2");
             if let Some(app) = self.app {
