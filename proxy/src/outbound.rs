@@ -106,14 +106,14 @@ impl Outbound {
         let _open = ConnectionGuard::new(&self.metrics.outbound.open_connections);
         let own = self.track_own();
         tokio::select! {
-            () = self.clone().serve_agent(tcp, peer) => {}
+            () = self.clone().serve_agent(tcp) => {}
             () = own.token().cancelled() => {
                 tracing::warn!(%peer, "closing the agent's connection: our own workload is no longer active in the registry");
             }
         }
     }
 
-    async fn serve_agent(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+    async fn serve_agent(self: Arc<Self>, tcp: TcpStream) {
         let pinned = match redirected_destination(&tcp) {
             None => None,
             Some(dst) => match self.routes.current().find_by_ip(dst) {
@@ -122,10 +122,8 @@ impl Outbound {
                     return self.tunnel(tcp, &route).await;
                 }
                 Some(route) => Some(route.clone()),
-                None => {
-                    tracing::warn!(%peer, destination = %dst, "redirected connection to a destination with no route refused");
-                    return;
-                }
+                // Outside the mesh: opaque bytes, decided once by policy on the address.
+                None => return self.tunnel_external(tcp, dst).await,
             },
         };
         let cancel = self.cancel.clone();
@@ -148,6 +146,101 @@ impl Outbound {
         }
     }
 
+    /// Tunnels a redirected connection to a destination outside the mesh, if policy allows it
+    /// (as opaque TCP to that address: the sidecar cannot see inside, so decides on the address).
+    async fn tunnel_external(&self, mut client: TcpStream, dst: SocketAddr) {
+        let host = dst.ip().to_string();
+        let destination = Destination {
+            host: &host,
+            port: dst.port(),
+            id: None,
+        };
+        if let Err(refused) = self.external_allowed(destination) {
+            tracing::warn!(destination = %dst, reason = %refused.reason, "redirected connection to a destination outside the mesh refused");
+            return;
+        }
+        match connect_external(&host, dst.port()).await {
+            Ok(mut upstream) => {
+                let own = self.track_own();
+                splice_until(&mut client, &mut upstream, own.token(), None).await
+            }
+            Err(e) => {
+                tracing::warn!(destination = %dst, error = %e, "external destination unavailable")
+            }
+        }
+    }
+
+    /// Whether our workload is active and policy lets it open a stream to `destination`, outside
+    /// the mesh. Without a policy nothing outside the mesh is allowed.
+    fn external_allowed(&self, destination: Destination<'_>) -> Result<(), Box<Decision>> {
+        let own = self.identity.current();
+        if let Err(inactive) = self.identity.revocations().check(own.svid.id.as_str()) {
+            return Err(Box::new(
+                self.refuse_external(destination, inactive.to_string()),
+            ));
+        }
+        let Some(authz) = &self.authz else {
+            return Err(Box::new(Decision::refusal(format!(
+                "no route to {}:{}, and without a policy destinations outside the mesh are refused",
+                destination.host, destination.port
+            ))));
+        };
+        let decision = authz.authorize_tcp(Direction::Outbound, &own.svid.id, destination);
+        if decision.proceeds() {
+            Ok(())
+        } else {
+            Err(Box::new(decision))
+        }
+    }
+
+    fn refuse_external(&self, destination: Destination<'_>, reason: String) -> Decision {
+        match &self.authz {
+            Some(authz) => {
+                let own = self.identity.current();
+                authz.refuse(Direction::Outbound, &own.svid.id, destination, None, reason)
+            }
+            None => Decision::refusal(reason),
+        }
+    }
+
+    /// `CONNECT` to a destination outside the mesh: a plain TCP tunnel, if policy allows it.
+    async fn connect_external(
+        &self,
+        req: Request<Incoming>,
+        host: &str,
+        port: u16,
+    ) -> Response<ProxyBody> {
+        let destination = Destination {
+            host,
+            port,
+            id: None,
+        };
+        if let Err(denied) = self.external_allowed(destination) {
+            return crate::authz::denied_response(&denied);
+        }
+        match connect_external(host, port).await {
+            Ok(mut upstream) => {
+                let own = self.track_own();
+                tokio::spawn(async move {
+                    if let Ok(upgraded) = hyper::upgrade::on(req).await {
+                        splice_until(
+                            &mut TokioIo::new(upgraded),
+                            &mut upstream,
+                            own.token(),
+                            None,
+                        )
+                        .await
+                    }
+                });
+                Response::new(Either::Right(Full::default()))
+            }
+            Err(e) => json_response(
+                StatusCode::BAD_GATEWAY,
+                &json!({"error": "upstream_unavailable", "reason": format!("{host}:{port}: {e}")}),
+            ),
+        }
+    }
+
     /// Tunnels a plain TCP connection to a TCP route over mTLS, if policy allows.
     async fn tunnel(&self, mut client: TcpStream, route: &Route) {
         if self.tcp_allowed(route).is_err() {
@@ -161,7 +254,7 @@ impl Outbound {
                     .identity
                     .revocations()
                     .track(Arc::from(route.id.as_str()));
-                splice_until(&mut client, &mut upstream, [own.token(), peer.token()]).await
+                splice_until(&mut client, &mut upstream, own.token(), Some(peer.token())).await
             }
             Err(e) => {
                 tracing::warn!(route = %route.authority(), error = %e, "TCP route unavailable; closing the client connection")
@@ -203,6 +296,11 @@ impl Outbound {
                 };
                 match self.routes.current().find(&host, port) {
                     Some(route) => route.clone(),
+                    None if parts.method == Method::CONNECT => {
+                        return self
+                            .connect_external(Request::from_parts(parts, body), &host, port)
+                            .await;
+                    }
                     None => return self.refuse_unrouted(&parts, &host, port),
                 }
             }
@@ -290,7 +388,10 @@ impl Outbound {
     /// 403 for a destination with no route; recorded as a decision when decisions are kept.
     fn refuse_unrouted(&self, parts: &Parts, host: &str, port: u16) -> Response<ProxyBody> {
         let dest = format!("{host}:{port}");
-        let reason = format!("no route to {dest}: destinations outside the mesh are refused");
+        let reason = format!(
+            "no route to {dest}: plain HTTP to a destination outside the mesh is refused; \
+             call it over https (through HTTPS_PROXY, a CONNECT tunnel that policy decides on)"
+        );
         tracing::info!(destination = %dest, "refused: no route");
         let mut body = json!({"error": "denied", "reason": reason, "destination": dest});
         let Some(authz) = &self.authz else {
@@ -382,8 +483,9 @@ impl Outbound {
                 tokio::spawn(async move {
                     match hyper::upgrade::on(req).await {
                         Ok(upgraded) => {
-                            let cut = [own.token(), peer.token()];
-                            splice_until(&mut TokioIo::new(upgraded), &mut upstream, cut).await
+                            let (own, peer) = (own.token(), Some(peer.token()));
+                            splice_until(&mut TokioIo::new(upgraded), &mut upstream, own, peer)
+                                .await
                         }
                         Err(e) => {
                             tracing::debug!(error = %e, "CONNECT client went away before the tunnel opened")
@@ -437,10 +539,14 @@ fn stamp_onward(
     }
 }
 
-/// Copies both ways until either side closes, or until a workload at one end becomes inactive
-/// (`[ours, the peer's]` tokens).
-async fn splice_until<A, B>(a: &mut A, b: &mut B, cut: [&CancellationToken; 2])
-where
+/// Copies both ways until either side closes, or until our workload, or the meshed peer's (none
+/// outside the mesh), becomes inactive.
+async fn splice_until<A, B>(
+    a: &mut A,
+    b: &mut B,
+    own: &CancellationToken,
+    peer: Option<&CancellationToken>,
+) where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
@@ -450,10 +556,10 @@ where
                 tracing::debug!(error = %e, "tunnel ended with an error");
             }
         }
-        () = cut[0].cancelled() => {
+        () = own.cancelled() => {
             tracing::warn!("closing a tunnel: our own workload is no longer active in the registry");
         }
-        () = cut[1].cancelled() => {
+        () = async { match peer { Some(p) => p.cancelled().await, None => std::future::pending().await } } => {
             tracing::warn!("closing a tunnel: a workload at one end is no longer active in the registry");
         }
     }
@@ -505,6 +611,17 @@ fn destination(parts: &Parts) -> Result<(String, u16), String> {
     };
     split_host_port(authority, default_port)
         .map_err(|why| format!("bad destination {authority:?}: {why}"))
+}
+
+/// Opens plain TCP to a destination outside the mesh (resolving its name), within the connect
+/// timeout.
+async fn connect_external(host: &str, port: u16) -> std::io::Result<TcpStream> {
+    let connect = TcpStream::connect((host, port));
+    let tcp = tokio::time::timeout(std::time::Duration::from_secs(5), connect)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
 }
 
 /// The original destination of a connection an iptables REDIRECT sent here, if it was redirected.

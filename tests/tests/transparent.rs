@@ -223,7 +223,7 @@ async fn scenario() {
         assert!(
             agent
                 .logs()
-                .contains("redirected connection to a destination with no route refused"),
+                .contains("redirected connection to a destination outside the mesh refused"),
             "agent log:\n{}",
             agent.logs()
         );
