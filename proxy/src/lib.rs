@@ -14,6 +14,7 @@ pub mod headers;
 pub mod identity;
 pub mod inbound;
 pub mod input;
+pub mod iptables;
 pub mod mcp;
 pub mod metrics;
 pub mod outbound;
