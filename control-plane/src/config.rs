@@ -121,6 +121,22 @@ pub struct ServeArgs {
     /// arrived (1s to 1h); a checkpoint is also made once 1000 records arrived since the last.
     #[arg(long, value_name = "DURATION", env = "MANDATE_AUDIT_CHECKPOINT_INTERVAL", default_value = "1m", value_parser = parse_duration)]
     pub audit_checkpoint_interval: Duration,
+    /// Address of the Kubernetes sidecar injector (mutating admission webhook, HTTPS, POST
+    /// /inject), e.g. 0.0.0.0:15017; off unless given. Needs --webhook-cert, --webhook-key and
+    /// --inject-config.
+    #[arg(long, value_name = "ADDR", env = "MANDATE_WEBHOOK")]
+    pub webhook: Option<SocketAddr>,
+    /// The webhook's certificate chain (PEM, leaf first; its SAN must be the webhook Service's DNS
+    /// name); re-read when it changes.
+    #[arg(long, value_name = "FILE", env = "MANDATE_WEBHOOK_CERT")]
+    pub webhook_cert: Option<PathBuf>,
+    /// The webhook certificate's private key (PEM); re-read when it changes.
+    #[arg(long, value_name = "FILE", env = "MANDATE_WEBHOOK_KEY")]
+    pub webhook_key: Option<PathBuf>,
+    /// The injector's YAML configuration: sidecar image, control plane URL as pods see it, and
+    /// defaults (see deploy/kubernetes/).
+    #[arg(long, value_name = "FILE", env = "MANDATE_INJECT_CONFIG")]
+    pub inject_config: Option<PathBuf>,
 }
 
 /// Parses `90s`, `15m`, `1h`, … refusing zero.
@@ -189,6 +205,26 @@ pub enum ConfigError {
     /// `--listen` and `--metrics` are the same address.
     #[error("--listen and --metrics must be different addresses")]
     SameAddress,
+    /// `--webhook` is the address of another listener.
+    #[error("--webhook must differ from --listen and --metrics")]
+    WebhookAddress,
+    /// `--webhook` without one of the files it needs.
+    #[error(
+        "--webhook needs {missing} (the webhook serves HTTPS with the sidecar injector's configuration)"
+    )]
+    WebhookIncomplete {
+        /// The missing flag.
+        missing: &'static str,
+    },
+    /// A webhook flag without `--webhook`.
+    #[error("{flag} only means something with --webhook")]
+    WebhookFlagAlone {
+        /// The flag given alone.
+        flag: &'static str,
+    },
+    /// The injector configuration is unusable.
+    #[error(transparent)]
+    Inject(#[from] crate::inject::config::InjectConfigError),
 }
 
 /// Where the store key comes from.
@@ -264,6 +300,21 @@ pub struct ServeConfig {
     pub delegation: crate::delegation::DelegationConfig,
     /// Longest time between audit checkpoints while decisions arrive.
     pub audit_checkpoint_interval: Duration,
+    /// The sidecar injector's webhook, when enabled.
+    pub webhook: Option<WebhookConfig>,
+}
+
+/// The sidecar injector's listener, certificate files and configuration.
+#[derive(Debug)]
+pub struct WebhookConfig {
+    /// Its address.
+    pub listen: SocketAddr,
+    /// The certificate chain file.
+    pub cert: PathBuf,
+    /// The private key file.
+    pub key: PathBuf,
+    /// What injected pods get.
+    pub injector: crate::inject::config::InjectorConfig,
 }
 
 impl ServeConfig {
@@ -321,6 +372,7 @@ impl ServeConfig {
         if args.listen == args.metrics {
             return Err(ConfigError::SameAddress);
         }
+        let webhook = webhook_config(&args)?;
         Ok(Self {
             data_dir: args.data_dir,
             store,
@@ -340,8 +392,44 @@ impl ServeConfig {
                 grant_ttl: args.grant_ttl,
             },
             audit_checkpoint_interval: args.audit_checkpoint_interval,
+            webhook,
         })
     }
+}
+
+/// The webhook's settings: all of `--webhook`, `--webhook-cert`, `--webhook-key` and
+/// `--inject-config`, or none of them. The injector configuration is validated here; the
+/// certificate when the listener starts.
+fn webhook_config(args: &ServeArgs) -> Result<Option<WebhookConfig>, ConfigError> {
+    let Some(listen) = args.webhook else {
+        return match [
+            ("--webhook-cert", args.webhook_cert.is_some()),
+            ("--webhook-key", args.webhook_key.is_some()),
+            ("--inject-config", args.inject_config.is_some()),
+        ]
+        .into_iter()
+        .find(|(_, given)| *given)
+        {
+            Some((flag, _)) => Err(ConfigError::WebhookFlagAlone { flag }),
+            None => Ok(None),
+        };
+    };
+    let require = |missing: &'static str, file: &Option<PathBuf>| {
+        file.clone()
+            .ok_or(ConfigError::WebhookIncomplete { missing })
+    };
+    let cert = require("--webhook-cert", &args.webhook_cert)?;
+    let key = require("--webhook-key", &args.webhook_key)?;
+    let inject_config = require("--inject-config", &args.inject_config)?;
+    if listen == args.listen || listen == args.metrics {
+        return Err(ConfigError::WebhookAddress);
+    }
+    Ok(Some(WebhookConfig {
+        listen,
+        cert,
+        key,
+        injector: crate::inject::config::InjectorConfig::load(&inject_config)?,
+    }))
 }
 
 /// Where the store key comes from: `--store-key-file`, then `MANDATE_STORE_KEY` (`env_key`),
@@ -486,6 +574,55 @@ mod tests {
                 &no_env
             )
             .contains("--listen")
+        );
+    }
+
+    #[test]
+    fn the_webhook_needs_all_its_flags_and_a_valid_injector_configuration() {
+        assert!(
+            ServeConfig::from_args(args(&[]), no_env)
+                .unwrap()
+                .webhook
+                .is_none()
+        );
+        let err = |argv: &[&str]| {
+            ServeConfig::from_args(args(argv), no_env)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err(&["--webhook-cert", "c.pem"]),
+            "--webhook-cert only means something with --webhook"
+        );
+        let webhook = ["--webhook", "127.0.0.1:15017"];
+        assert!(err(&webhook).starts_with("--webhook needs --webhook-cert"));
+        assert!(
+            err(&[&webhook[..], &["--webhook-cert", "c", "--webhook-key", "k"]].concat())
+                .starts_with("--webhook needs --inject-config")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let inject = dir.path().join("inject.yaml");
+        let inject = inject.to_str().unwrap();
+        let files = [
+            "--webhook-cert",
+            "c",
+            "--webhook-key",
+            "k",
+            "--inject-config",
+            inject,
+        ];
+        std::fs::write(inject, "image: m\n").unwrap();
+        assert!(err(&[&webhook[..], &files].concat()).contains("control-plane: required"));
+        std::fs::write(inject, "image: m\ncontrol-plane: https://cp:15012\n").unwrap();
+        let config = ServeConfig::from_args(args(&[&webhook[..], &files].concat()), no_env)
+            .unwrap()
+            .webhook
+            .unwrap();
+        assert_eq!(config.listen.port(), 15017);
+        assert_eq!(config.injector.image, "m");
+        assert_eq!(
+            err(&[&["--webhook", "0.0.0.0:15012"][..], &files].concat()),
+            "--webhook must differ from --listen and --metrics"
         );
     }
 

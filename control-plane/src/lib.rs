@@ -9,6 +9,7 @@ pub mod config;
 pub mod delegation;
 pub mod enroll;
 pub mod grants;
+pub mod inject;
 pub mod metrics;
 pub mod push;
 pub mod registry;

@@ -3,7 +3,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder as _, Histogram, HistogramOpts, IntCounter, IntGauge, Registry, TextEncoder,
+    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 /// The control plane's metrics, registered in their own registry.
@@ -17,6 +18,9 @@ pub struct Metrics {
     pub push_latency: Histogram,
     /// Store operations that failed.
     pub store_errors: IntCounter,
+    /// Admission reviews the sidecar injector answered, by outcome (injected, skipped, refused,
+    /// malformed).
+    pub injector_reviews: IntCounterVec,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -46,11 +50,23 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Store operations that failed",
     )
     .expect("valid metric");
+    let injector_reviews = IntCounterVec::new(
+        Opts::new(
+            "mandate_cp_injector_reviews_total",
+            "Admission reviews the sidecar injector answered, by outcome",
+        ),
+        &["outcome"],
+    )
+    .expect("valid metric");
+    for outcome in ["injected", "skipped", "refused", "malformed"] {
+        injector_reviews.with_label_values(&[outcome]);
+    }
     for m in [
         Box::new(connected_sidecars.clone()) as Box<dyn prometheus::core::Collector>,
         Box::new(decisions_ingested.clone()),
         Box::new(push_latency.clone()),
         Box::new(store_errors.clone()),
+        Box::new(injector_reviews.clone()),
     ] {
         registry.register(m).expect("metric registered once");
     }
@@ -60,6 +76,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         decisions_ingested,
         push_latency,
         store_errors,
+        injector_reviews,
     }
 });
 
@@ -94,6 +111,7 @@ mod tests {
             "mandate_cp_decisions_ingested_total",
             "mandate_cp_push_latency_seconds_bucket",
             "mandate_cp_store_errors_total",
+            "mandate_cp_injector_reviews_total{outcome=\"refused\"}",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

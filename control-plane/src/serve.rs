@@ -19,6 +19,8 @@ use crate::config::{
 };
 use crate::delegation::Delegation;
 use crate::enroll::Enroller;
+use crate::inject::tls::{self, WebhookCert};
+use crate::inject::{self, Injector};
 use crate::push::Hub;
 use crate::registry::Registrar;
 use crate::server::{self, Health, ServerError};
@@ -45,6 +47,9 @@ pub enum ServeError {
     /// The delegation signing keys are unusable.
     #[error(transparent)]
     DelegationKeys(#[from] crate::delegation::KeyError),
+    /// The sidecar injector's certificate or key is unusable.
+    #[error(transparent)]
+    WebhookCert(#[from] crate::inject::tls::CertError),
     /// The data directory is unusable.
     #[error("--data-dir {path}")]
     DataDir {
@@ -146,6 +151,15 @@ pub async fn serve(
     )?);
     let api_listener = server::bind("--listen", config.listen).await?;
     let metrics_listener = server::bind("--metrics", config.metrics).await?;
+    let webhook = match config.webhook {
+        Some(webhook) => {
+            let cert = Arc::new(WebhookCert::load(&webhook.cert, &webhook.key)?);
+            let listener = server::bind("--webhook", webhook.listen).await?;
+            let injector = Injector::new(webhook.injector, config.trust_domain.clone());
+            Some((listener, cert, injector, webhook.listen))
+        }
+        None => None,
+    };
 
     let background = TaskTracker::new();
     background.spawn(hub.clone().follow(store.clone()));
@@ -172,6 +186,22 @@ pub async fn serve(
         api_cancel.clone(),
         connections.clone(),
     ));
+    // The webhook shares the API's TLS accept loop, cancellation and connection draining.
+    let webhook_addr = webhook.as_ref().map(|(_, _, _, addr)| *addr);
+    let webhook_task = webhook.map(|(listener, cert, injector, _)| {
+        background.spawn(
+            cert.clone()
+                .reload_on_change(tls::RELOAD_INTERVAL, cancel.child_token()),
+        );
+        tokio::spawn(server::serve_api(
+            listener,
+            Arc::new(cert.server_config()),
+            config.trust_domain.clone(),
+            inject::router(injector),
+            api_cancel.clone(),
+            connections.clone(),
+        ))
+    });
     let started = Arc::new(AtomicBool::new(false));
     let metrics_cancel = CancellationToken::new();
     let metrics_task = tokio::spawn(server::serve_plain(
@@ -186,6 +216,7 @@ pub async fn serve(
     tracing::info!(
         listen = %config.listen,
         metrics = %config.metrics,
+        webhook = ?webhook_addr,
         trust_domain = %config.trust_domain,
         ca = %ca_path.display(),
         "mandate serve ready"
@@ -200,6 +231,9 @@ pub async fn serve(
     api_cancel.cancel();
     cancel.cancel();
     let _ = api_task.await;
+    if let Some(task) = webhook_task {
+        let _ = task.await;
+    }
     connections.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, connections.wait())
         .await
