@@ -9,6 +9,7 @@ pub mod apps;
 pub mod client;
 pub mod control_plane;
 pub mod metrics;
+pub mod netns;
 pub mod pki;
 pub mod pod;
 pub mod policy;

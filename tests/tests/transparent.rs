@@ -6,103 +6,39 @@
 //! Needs root, `ip` and `iptables`. The test re-runs itself inside a private network namespace,
 //! so its nat rules live and die with that namespace and never touch the host's.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use http::Request;
 use mandate_e2e::apps::{App, TcpEcho};
 use mandate_e2e::client::{Http1, empty};
-use mandate_e2e::{TestEnv, within};
+use mandate_e2e::netns::{self, Netns};
+use mandate_e2e::{TestEnv, pod, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
 const TEST: &str = "transparent_interception_picks_routes_by_original_destination";
-/// Set in the re-run inside the namespace.
-const INSIDE_NETNS: &str = "MANDATE_E2E_INSIDE_NETNS";
 /// Printed by the inner run when the whole scenario passed, so the outer run knows it really ran.
 const DONE: &str = "transparent interception scenario passed";
 const LIMIT: Duration = Duration::from_secs(90);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transparent_interception_picks_routes_by_original_destination() {
-    if std::env::var_os(INSIDE_NETNS).is_some() {
+    if netns::inside() {
         scenario().await;
         return;
     }
-    if let Err(why) = prerequisites().await {
+    let tools = [
+        ("ip", "-V", "iproute2"),
+        ("iptables", "--version", "iptables"),
+    ];
+    if let Some(why) = pod::missing_prerequisites(&tools).await {
         eprintln!("SKIP: {TEST}: {why}");
         return;
     }
-    let ns = format!("mandate-e2e-{}", std::process::id());
-    let _netns = Netns::create(&ns).await;
-    let out = within(
-        LIMIT,
-        "the test inside the network namespace",
-        Command::new("ip")
-            .args(["netns", "exec", &ns])
-            .arg(std::env::current_exe().expect("test executable"))
-            .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
-            .env(INSIDE_NETNS, "1")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("inner run finished in time")
-    .expect("inner run started");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains(DONE),
-        "inner run failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        out.status
-    );
-}
-
-/// Why this machine cannot run the test, if it cannot.
-async fn prerequisites() -> Result<(), String> {
-    let uid = Command::new("id").arg("-u").output().await;
-    if !uid.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0") {
-        return Err("needs root for network namespaces and iptables (CI runs as root)".into());
-    }
-    for (tool, version_flag, package) in [
-        ("ip", "-V", "iproute2"),
-        ("iptables", "--version", "iptables"),
-    ] {
-        let found = Command::new(tool)
-            .arg(version_flag)
-            .output()
-            .await
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            return Err(format!("{tool} not found (apt-get install {package})"));
-        }
-    }
-    Ok(())
-}
-
-/// A network namespace with loopback up, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    async fn create(name: &str) -> Self {
-        run("ip", &["netns", "add", name]).await;
-        let ns = Netns(name.to_owned());
-        run(
-            "ip",
-            &["netns", "exec", name, "ip", "link", "set", "lo", "up"],
-        )
-        .await;
-        ns
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .status();
-    }
+    let ns = Netns::create("transparent")
+        .await
+        .expect("network namespace created");
+    ns.rerun_inside(TEST, DONE, LIMIT).await.unwrap();
 }
 
 async fn run(program: &str, args: &[&str]) {
