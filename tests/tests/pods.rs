@@ -49,7 +49,7 @@ async fn an_unaware_agent_pod_reaches_the_tool_pod_only_through_both_sidecars() 
 }
 
 /// The plain app in the tool pod: `tests/python/echo_app.py` on 0.0.0.0:8080, so only the
-/// redirect keeps plaintext callers away from it.
+/// redirect keeps plaintext callers away from it. It only answers, so its uid does not matter.
 struct EchoApp {
     _child: Child,
     seen: tokio::sync::watch::Receiver<Vec<serde_json::Value>>,
@@ -59,16 +59,8 @@ impl EchoApp {
     async fn start(pod: &Pod) -> anyhow::Result<Self> {
         let script = workspace_root().join("tests/python/echo_app.py");
         let mut child = pod
-            .command("setpriv")
-            .args([
-                "--reuid",
-                APP_UID,
-                "--regid",
-                APP_UID,
-                "--clear-groups",
-                "python3",
-                "-u",
-            ])
+            .command("python3")
+            .arg("-u")
             .arg(script)
             .args(["0.0.0.0", "8080"])
             .stdin(Stdio::null())

@@ -631,6 +631,7 @@ pub fn registry(statuses: &[(&str, &str, WorkloadStatus)]) -> Registry {
             ceiling: vec![],
             autonomous: vec![],
             labels: BTreeMap::new(),
+            reach: Default::default(),
         };
         let map = if *kind == "agent" {
             &mut registry.agents
