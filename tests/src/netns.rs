@@ -32,14 +32,14 @@ impl Netns {
         Ok(ns)
     }
 
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+
     /// A command run inside the namespace (`ip netns exec`), killed if dropped while running.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.0])
-            .arg(program)
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        cmd
+        exec(&self.0, program)
     }
 
     /// Re-runs the test `test` of this executable inside the namespace (where [`inside`] is
@@ -51,11 +51,23 @@ impl Netns {
         done: &str,
         limit: Duration,
     ) -> anyhow::Result<()> {
+        self.rerun_inside_with(test, done, limit, &[]).await
+    }
+
+    /// [`rerun_inside`](Self::rerun_inside), with `envs` set for the re-run.
+    pub async fn rerun_inside_with(
+        &self,
+        test: &str,
+        done: &str,
+        limit: Duration,
+        envs: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
         let out = tokio::time::timeout(
             limit,
             self.command(std::env::current_exe()?)
                 .args(["--exact", test, "--nocapture", "--test-threads=1"])
                 .env(INSIDE_NETNS, "1")
+                .envs(envs.iter().copied())
                 .output(),
         )
         .await
@@ -80,7 +92,19 @@ impl Drop for Netns {
     }
 }
 
-async fn ip(args: &[&str]) -> anyhow::Result<()> {
+/// A command run inside the namespace called `netns` (`ip netns exec`), killed if dropped while
+/// running.
+pub fn exec(netns: &str, program: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns])
+        .arg(program)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs `ip ARGS`, failing with its stderr.
+pub(crate) async fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip")
         .args(args)
         .output()
