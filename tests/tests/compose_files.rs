@@ -559,6 +559,11 @@ async fn compose_file_validates_and_keeps_the_mesh_contracts() {
     env.run(LIMIT, async {
         compose(&cmd, &["config", "--quiet"]).await?;
         let config = normalised(&cmd).await?;
+        ensure_eq!(
+            config["name"],
+            "mandate",
+            "the project name (COMPOSE_PROJECT_NAME in deploy/.env) names containers and volumes"
+        );
         let script = std::fs::read_to_string(workspace_root().join(BOOTSTRAP))?;
         let join_volume = check_control_plane_and_bootstrap(&config)?;
         check_tool(&config, &script, join_volume)?;
