@@ -9,8 +9,10 @@
 //! - the shell and Python it runs pass their syntax checks, and its Prometheus config passes promtool;
 //! - its health checks, run against a real control plane and sidecar, pass only when they are ready;
 //! - its bootstrap script, tool and agents, run against a real control plane and real sidecars with
-//!   the reference policy: the researcher's `search` is allowed and its `delete_repo` denied, the
-//!   intruder is denied everything, and running the bootstrap again issues fresh tokens.
+//!   the reference policy (the agents' sidecars routing `tool:8080` by the registry, as in the
+//!   compose network; only the tool's inbound address is a loopback one, since `tool` resolves only
+//!   there): the researcher's `search` is allowed and its `delete_repo` denied, the intruder is
+//!   denied everything, and running the bootstrap again issues fresh tokens.
 //!
 //! The validator is Compose v2: `$MANDATE_E2E_COMPOSE` (a command line), `docker compose`, or a v2
 //! `docker-compose` (`.ci/run` installs the plugin). Without it — or without promtool, or a Python
@@ -18,11 +20,13 @@
 //! tool is a failure: these checks are the only ones the compose file gets.
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
+use mandate_e2e::client::get;
 use mandate_e2e::policy::{reference_policy, workspace_root};
 use mandate_e2e::{ControlPlane, Sidecar, TestEnv, bin_dir, ensure_eq, eventually, ports, python};
 use serde_json::Value;
@@ -681,12 +685,15 @@ async fn compose_workloads_under_the_reference_policy_allow_search_and_deny_the_
     env.run(LIMIT, async {
         let cp = env.control_plane("cp").spawn().await?;
         let join = env.dir().join("join-tokens");
+        // The tool's sidecar accepts mTLS here: the compose file's tool:15006, with an address
+        // this machine can reach (`tool` resolves only inside the compose network).
+        let tool_inbound = ports::free_addr();
 
         // `docker compose up` runs the bootstrap job on every start: the second run finds the
         // workloads registered and issues fresh tokens.
-        let first = bootstrap(&cp, &join).await?;
+        let first = bootstrap(&cp, &join, tool_inbound).await?;
         let tokens = join_tokens(&join)?;
-        let second = bootstrap(&cp, &join).await?;
+        let second = bootstrap(&cp, &join, tool_inbound).await?;
         ensure!(
             first.contains("registered agent researcher")
                 && second.contains("agent researcher is registered already"),
@@ -701,27 +708,16 @@ async fn compose_workloads_under_the_reference_policy_allow_search_and_deny_the_
         }
         let shown = cp.cli_ok(&["service", "show", "tool"]).await?;
         ensure!(
-            shown.contains("tool:8080") && shown.contains("tool:15006"),
-            "the tool is registered with --address tool:8080 --inbound tool:15006:\n{shown}"
+            shown.contains("tool:8080") && shown.contains(&format!("inbound {tool_inbound}")),
+            "the tool is registered with --address tool:8080 --inbound {tool_inbound}:\n{shown}"
         );
 
         // The tool and the three sidecars, each sidecar given its token by the bootstrap job's
-        // --config file. The agents' sidecars reach the tool's by a --route (here `tool` is not
-        // a resolvable name; --route flags win over the registry's addresses).
-        let tool_app = ToolServer::start(&env, &python).await?;
-        let tool = env
-            .sidecar("tool")
-            .managed_from_state(
-                &cp,
-                "spiffe://mandate.local/service/tool",
-                &env.dir().join("tool-state"),
-            )
-            .arg("--config")
-            .arg(join.join("tool.yaml").display().to_string())
-            .app(tool_app.addr)
-            .spawn()
-            .await
-            .map_err(|e| e.context(tool_app.logs()))?;
+        // --config file, as in the compose file. The agents' sidecars have no --route: they reach
+        // the tool's sidecar by the registry's address for the tool.
+        let tool_app = start_tool(&env, &python).await?;
+        let tool_sidecar =
+            start_tool_sidecar(&env, &cp, &join, tool_inbound, tool_app.addr).await?;
         let agent_sidecar = |name: &'static str| {
             env.sidecar(name)
                 .managed_from_state(
@@ -731,13 +727,14 @@ async fn compose_workloads_under_the_reference_policy_allow_search_and_deny_the_
                 )
                 .arg("--config")
                 .arg(join.join(format!("{name}.yaml")).display().to_string())
-                .route_to("tool:8080", &tool)
                 .spawn()
         };
         let researcher = agent_sidecar("researcher").await?;
         let intruder = agent_sidecar("intruder").await?;
 
-        let said = run_agent(&python, "researcher", &researcher).await?;
+        let said = run_agent(&python, "researcher", &researcher)
+            .await
+            .map_err(|e| e.context(format!("the tool sidecar's log:\n{}", tool_sidecar.logs())))?;
         let line = |step: &str| {
             said.lines()
                 .find(|l| l.starts_with(&format!("researcher: {step} ")))
@@ -761,7 +758,9 @@ async fn compose_workloads_under_the_reference_policy_allow_search_and_deny_the_
             "researcher's delete_repo is denied with the policy's reason and decision id:\n{said}"
         );
 
-        let said = run_agent(&python, "intruder", &intruder).await?;
+        let said = run_agent(&python, "intruder", &intruder)
+            .await
+            .map_err(|e| e.context(format!("the tool sidecar's log:\n{}", tool_sidecar.logs())))?;
         let initialize = said
             .lines()
             .find(|l| l.starts_with("intruder: initialize "))
@@ -853,9 +852,13 @@ fn health_check(
     Ok(cmd)
 }
 
-/// Runs the bootstrap script against `cp` as the compose file does (its defaults for the tool's
-/// addresses), writing the join tokens to `join`; returns what it printed.
-async fn bootstrap(cp: &ControlPlane, join: &Path) -> anyhow::Result<String> {
+/// Runs the bootstrap script against `cp` as the compose file does, but with the tool's sidecar
+/// accepting mTLS at `tool_inbound`, writing the join tokens to `join`; returns what it printed.
+async fn bootstrap(
+    cp: &ControlPlane,
+    join: &Path,
+    tool_inbound: SocketAddr,
+) -> anyhow::Result<String> {
     let mut cmd = Command::new("sh");
     cmd.arg(workspace_root().join(BOOTSTRAP));
     for (k, _) in std::env::vars_os() {
@@ -873,6 +876,8 @@ async fn bootstrap(cp: &ControlPlane, join: &Path) -> anyhow::Result<String> {
         .env("MANDATE_ADMIN_TOKEN", cp.admin_token())
         .env("JOIN_DIR", join)
         .env("POLICY_DIR", reference_policy())
+        .env("TOOL_ADDRESS", "tool:8080")
+        .env("TOOL_INBOUND", tool_inbound.to_string())
         .env("READY_TIMEOUT", "10");
     run_ok(&mut cmd).await
 }
@@ -902,56 +907,120 @@ fn join_tokens(join: &Path) -> anyhow::Result<std::collections::BTreeMap<String,
     Ok(tokens)
 }
 
-/// `deploy/compose/example/tool.py` on a free loopback port; killed when dropped.
-struct ToolServer {
-    _child: tokio::process::Child,
-    addr: std::net::SocketAddr,
+/// A process the test started, its output in a file; killed when dropped.
+struct Spawned {
+    child: tokio::process::Child,
+    addr: SocketAddr,
+    name: &'static str,
     log: PathBuf,
 }
 
-impl ToolServer {
-    /// Starts the tool and waits until it accepts connections.
-    async fn start(env: &TestEnv, python: &Path) -> anyhow::Result<Self> {
-        let addr = ports::free_addr();
-        let log = env.dir().join("tool.log");
+impl Spawned {
+    /// Starts `cmd` as `name`, its output going to `<test dir>/<name>.log`; `addr` is what it
+    /// serves on.
+    fn start(
+        env: &TestEnv,
+        name: &'static str,
+        mut cmd: Command,
+        addr: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let log = env.dir().join(format!("{name}.log"));
         let output = std::fs::File::create(&log)?;
-        let mut child = Command::new(python)
-            .arg("-u")
-            .arg(workspace_root().join(TOOL_SCRIPT))
-            .env("TOOL_LISTEN", addr.to_string())
-            .env_remove("TOOL_HOST")
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(output.try_clone()?)
             .stderr(output)
             .kill_on_drop(true)
             .spawn()
-            .context("start tool.py")?;
+            .with_context(|| format!("start {name}"))?;
+        Ok(Self {
+            child,
+            addr,
+            name,
+            log,
+        })
+    }
+
+    /// Waits until `ready` holds, re-checking every 50 ms; an error with the output if the process
+    /// exits first or 30 s pass.
+    async fn wait_until<F, Fut>(&mut self, what: &str, mut ready: F) -> anyhow::Result<()>
+    where
+        F: FnMut(SocketAddr) -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "tool.py exited with {status}:\n{}",
-                    std::fs::read_to_string(&log)?
-                );
+        while !ready(self.addr).await {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("{} exited with {status}:\n{}", self.name, self.logs());
             }
             ensure!(
                 tokio::time::Instant::now() < deadline,
-                "tool.py did not listen on {addr} within 30s:\n{}",
-                std::fs::read_to_string(&log)?
+                "{}: {what} not within 30s:\n{}",
+                self.name,
+                self.logs()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(Self {
-            _child: child,
-            addr,
-            log,
-        })
+        Ok(())
     }
 
     /// Everything it printed so far.
     fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// `deploy/compose/example/tool.py` on a free loopback port, accepting connections.
+async fn start_tool(env: &TestEnv, python: &Path) -> anyhow::Result<Spawned> {
+    let addr = ports::free_addr();
+    let mut cmd = Command::new(python);
+    cmd.arg("-u")
+        .arg(workspace_root().join(TOOL_SCRIPT))
+        .env("TOOL_LISTEN", addr.to_string())
+        .env_remove("TOOL_HOST");
+    let mut tool = Spawned::start(env, "tool.py", cmd, addr)?;
+    tool.wait_until("listening", |addr| async move {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+    })
+    .await?;
+    Ok(tool)
+}
+
+/// The tool's sidecar as the compose file runs it (its join token from the bootstrap job's
+/// --config file, a state directory, forwarding to `app`), but with its inbound listener at
+/// `inbound` and the others on free loopback ports; ready (identity and policy loaded).
+async fn start_tool_sidecar(
+    env: &TestEnv,
+    cp: &ControlPlane,
+    join: &Path,
+    inbound: SocketAddr,
+    app: SocketAddr,
+) -> anyhow::Result<Spawned> {
+    let admin = ports::free_addr();
+    let mut cmd = Command::new(mandate_e2e::bin("mandate-proxy")?);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("MANDATE_") {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.arg(format!("--config={}", join.join("tool.yaml").display()))
+        .arg(format!("--control-plane={}", cp.url()))
+        .arg(format!(
+            "--state-dir={}",
+            env.dir().join("tool-sidecar-state").display()
+        ))
+        .arg(format!("--inbound={inbound}"))
+        .arg(format!("--app={app}"))
+        .arg(format!("--admin={admin}"))
+        .arg(format!("--outbound={}", ports::free_addr()))
+        .env("MANDATE_LOG", "info");
+    let mut sidecar = Spawned::start(env, "tool-sidecar", cmd, admin)?;
+    sidecar
+        .wait_until("/readyz 200", |admin| async move {
+            get(admin, "/readyz").await.is_ok_and(|r| r.status == 200)
+        })
+        .await?;
+    Ok(sidecar)
 }
 
 /// Runs `deploy/compose/example/agent.py` for one round as agent `name` behind `sidecar`, with the
