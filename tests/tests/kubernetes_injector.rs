@@ -189,8 +189,8 @@ async fn the_webhook_answers_admission_reviews_over_https_like_the_injector() {
             mandate_e2e::pki::TRUST_DOMAIN.parse()?,
         );
 
-        // Every golden review, over HTTP/1.1 and HTTP/2: the library's answer, byte for byte in
-        // meaning.
+        // Every golden review, over HTTP/1.1 and HTTP/2, at the path the API server calls
+        // (with its ?timeout=): the library's answer.
         let ca = first.join("ca.crt");
         let mut h1 = Http1::handshake(connect(webhook, &ca, "http/1.1").await?).await?;
         let mut h2 = Http2::handshake(connect(webhook, &ca, "h2").await?).await?;
@@ -204,13 +204,21 @@ async fn the_webhook_answers_admission_reviews_over_https_like_the_injector() {
             for (protocol, answer) in [
                 (
                     "HTTP/1.1",
-                    h1.fetch(post("/inject", "application/json", full(body.clone()))?)
-                        .await?,
+                    h1.fetch(post(
+                        "/inject?timeout=10s",
+                        "application/json",
+                        full(body.clone()),
+                    )?)
+                    .await?,
                 ),
                 (
                     "HTTP/2",
-                    h2.fetch(post("/inject", "application/json", full(body.clone()))?)
-                        .await?,
+                    h2.fetch(post(
+                        "/inject?timeout=10s",
+                        "application/json",
+                        full(body.clone()),
+                    )?)
+                    .await?,
                 ),
             ] {
                 ensure_eq!(

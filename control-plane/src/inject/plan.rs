@@ -53,24 +53,33 @@ pub fn decide(pod: &Pod, config: &InjectorConfig) -> Verdict {
         Ok(false) => return Verdict::Skip("not annotated mandate.dev/inject: \"true\""),
         Ok(true) => {}
     }
-    if already_injected(pod, annotations) {
+    let ours = |name: &str| {
+        pod.spec
+            .containers
+            .iter()
+            .chain(pod.spec.init_containers.iter().flatten())
+            .any(|c| c.name == name)
+    };
+    if ours(PROXY_CONTAINER) {
         return Verdict::Skip("already injected");
+    }
+    if annotations.contains_key(annotations::STATUS) {
+        return Verdict::Refuse(format!(
+            "annotation {}: set, but the pod has no {PROXY_CONTAINER} container; remove it (it is \
+             the injector's own marker)",
+            annotations::STATUS
+        ));
+    }
+    if ours(INIT_CONTAINER) {
+        return Verdict::Refuse(format!(
+            "{}: the pod already has a container named {INIT_CONTAINER}, the injector's; rename it",
+            annotations::INJECT
+        ));
     }
     match plan(pod, annotations, config) {
         Ok(plan) => Verdict::Inject(plan),
         Err(message) => Verdict::Refuse(message),
     }
-}
-
-/// The marker annotation, or a container of ours: injected before (or by hand) — never twice.
-fn already_injected(pod: &Pod, annotations: &BTreeMap<String, String>) -> bool {
-    annotations.contains_key(annotations::STATUS)
-        || pod
-            .spec
-            .containers
-            .iter()
-            .chain(pod.spec.init_containers.iter().flatten())
-            .any(|c| c.name == PROXY_CONTAINER || c.name == INIT_CONTAINER)
 }
 
 fn plan(
@@ -228,7 +237,8 @@ fn merged<T: PartialEq + Copy, const N: usize>(first: [T; N], config: &[T], pod:
     out
 }
 
-/// Things that will not work, or that open a path around the sidecar the author chose.
+/// Things that will not work, or that open a path around the sidecar the author chose. Each
+/// stays within the 256 characters the API server passes on untruncated.
 fn warnings(
     pod: &Pod,
     app_port: Option<Port>,
@@ -259,9 +269,8 @@ fn warnings(
                 IntOrString::String(s) => s.clone(),
             };
             out.push(format!(
-                "container {:?}: {field} on port {shown} is redirected to the sidecar's mTLS \
-                 listener, so the kubelet's plaintext probe will fail; serve it on a port \
-                 listed in {} or use an exec probe",
+                "container {:?}: {field} on port {shown} goes to the sidecar's mTLS listener and \
+                 will fail; use a port in {} or an exec probe",
                 c.name,
                 annotations::EXCLUDE_INBOUND_PORTS
             ));
@@ -361,12 +370,15 @@ mod tests {
             "spec": {"containers": [{"name": "app"}]}
         }));
         assert!(matches!(decide(&off, &config()), Verdict::Skip(_)));
-        let marked = pod(serde_json::json!({
+        let injected = pod(serde_json::json!({
             "metadata": {"annotations": {"mandate.dev/inject": "true", "mandate.dev/status": "injected"}},
-            "spec": {"containers": [{"name": "app"}]}
+            "spec": {
+                "containers": [{"name": "app"}],
+                "initContainers": [{"name": "mandate-init"}, {"name": "mandate-proxy"}]
+            }
         }));
         assert!(matches!(
-            decide(&marked, &config()),
+            decide(&injected, &config()),
             Verdict::Skip("already injected")
         ));
         let by_hand = annotated(serde_json::json!({
@@ -468,6 +480,24 @@ mod tests {
             .unwrap()
             .insert(annotations::APP_PORT.into(), "15000".into());
         assert!(refusal(&bad).starts_with("annotation mandate.dev/app-port: port 15000"));
+        let marker_only = pod(serde_json::json!({
+            "metadata": {"annotations": {"mandate.dev/inject": "true", "mandate.dev/status": "injected"}},
+            "spec": {"containers": [{"name": "app"}]}
+        }));
+        assert!(refusal(&marker_only).starts_with("annotation mandate.dev/status: set, but"));
+        let init_name = annotated(serde_json::json!({
+            "containers": [{"name": "app"}], "initContainers": [{"name": "mandate-init"}]
+        }));
+        assert!(refusal(&init_name).contains("named mandate-init"));
+        let marker_only = pod(serde_json::json!({
+            "metadata": {"annotations": {"mandate.dev/inject": "true", "mandate.dev/status": "injected"}},
+            "spec": {"containers": [{"name": "app"}]}
+        }));
+        assert!(refusal(&marker_only).starts_with("annotation mandate.dev/status: set, but"));
+        let init_name = annotated(serde_json::json!({
+            "containers": [{"name": "app"}], "initContainers": [{"name": "mandate-init"}]
+        }));
+        assert!(refusal(&init_name).contains("named mandate-init"));
         let typo = pod(serde_json::json!({
             "metadata": {"annotations": {"mandate.dev/inject": "enabled"}},
             "spec": {"containers": [{"name": "a"}]}
@@ -497,5 +527,12 @@ mod tests {
         assert_eq!(warnings.len(), 2, "{warnings:?}");
         assert!(warnings[0].contains("application port 8080"));
         assert!(warnings[1].contains("0.0.0.0/0"));
+        let long_name = "c".repeat(63);
+        let p = annotated(serde_json::json!({"containers": [{
+            "name": long_name, "livenessProbe": {"grpc": {"port": 65535}}
+        }]}));
+        for w in plan_of(&p).warnings {
+            assert!(w.len() <= 256, "{} characters: {w}", w.len());
+        }
     }
 }
