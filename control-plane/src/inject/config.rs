@@ -178,6 +178,13 @@ impl InjectorConfig {
                 "must not be 0: root's traffic would skip the redirect".into(),
             ));
         }
+        let ipv6 = file.ipv6.unwrap_or(true);
+        if !ipv6 && let Some(v6) = file.exclude_outbound_cidrs.iter().find(|c| c.is_ipv6()) {
+            return Err(field(
+                "exclude-outbound-cidrs",
+                format!("{v6} is an IPv6 network, but ipv6 is false: no IPv6 rules are installed"),
+            ));
+        }
         for (kind, resources) in [
             ("requests", &file.resources.requests),
             ("limits", &file.resources.limits),
@@ -211,7 +218,7 @@ impl InjectorConfig {
             image_pull_policy: file.image_pull_policy,
             control_plane,
             proxy_uid,
-            ipv6: file.ipv6.unwrap_or(true),
+            ipv6,
             exclude_inbound_ports: file.exclude_inbound_ports,
             exclude_outbound_ports: file.exclude_outbound_ports,
             exclude_outbound_cidrs: file.exclude_outbound_cidrs,
@@ -303,6 +310,12 @@ mod tests {
         assert!(err(&format!("{MINIMAL}exclude-inbound-ports: [0]\n")).contains("not a port"));
         assert!(err(&format!("{MINIMAL}exclude-outbound-cidrs: [10.0.0.0]\n")).contains("CIDR"));
         assert!(err(&format!("{MINIMAL}imagePullPolicy: Always\n")).contains("unknown field"));
+        assert!(
+            err(&format!(
+                "{MINIMAL}ipv6: false\nexclude-outbound-cidrs: [fd00::/8]\n"
+            ))
+            .contains("exclude-outbound-cidrs: fd00::/8 is an IPv6 network")
+        );
         assert!(
             err(&format!("{MINIMAL}resources:\n  requests: {{gpu: 1}}\n"))
                 .contains("resources.requests.gpu")

@@ -177,6 +177,15 @@ fn plan(
         &config.exclude_outbound_cidrs,
         &options.exclude_outbound_cidrs,
     );
+    if !config.ipv6
+        && let Some(v6) = options.exclude_outbound_cidrs.iter().find(|c| c.is_ipv6())
+    {
+        return Err(format!(
+            "annotation {}: {v6} is an IPv6 network, but the injector does not redirect IPv6 \
+             (ipv6: false in its configuration)",
+            annotations::EXCLUDE_OUTBOUND_CIDRS
+        ));
+    }
     let warnings = warnings(
         pod,
         app_port,
@@ -498,6 +507,21 @@ mod tests {
             "containers": [{"name": "app"}], "initContainers": [{"name": "mandate-init"}]
         }));
         assert!(refusal(&init_name).contains("named mandate-init"));
+        let v6_off = InjectorConfig::parse(
+            "image: m\ncontrol-plane: https://cp\nipv6: false\n",
+            Path::new("inject.yaml"),
+        )
+        .unwrap();
+        let mut v6 = annotated(serde_json::json!({"containers": [{"name": "a"}]}));
+        v6.metadata.annotations.as_mut().unwrap().insert(
+            annotations::EXCLUDE_OUTBOUND_CIDRS.into(),
+            "fd00::/8".into(),
+        );
+        assert!(matches!(
+            decide(&v6, &v6_off),
+            Verdict::Refuse(m) if m.starts_with("annotation mandate.dev/exclude-outbound-cidrs: fd00::/8")
+        ));
+        assert!(matches!(decide(&v6, &config()), Verdict::Inject(_)));
         let typo = pod(serde_json::json!({
             "metadata": {"annotations": {"mandate.dev/inject": "enabled"}},
             "spec": {"containers": [{"name": "a"}]}

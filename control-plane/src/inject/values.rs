@@ -71,6 +71,11 @@ pub struct Cidr {
 }
 
 impl Cidr {
+    /// Whether it is an IPv6 network.
+    pub fn is_ipv6(&self) -> bool {
+        self.addr.is_ipv6()
+    }
+
     /// Whether it covers every address of its family (`0.0.0.0/0`, `::/0`).
     pub fn is_everything(&self) -> bool {
         self.prefix == 0
@@ -249,6 +254,7 @@ mod tests {
         );
         assert_eq!("fd00::/8".parse::<Cidr>().unwrap().to_string(), "fd00::/8");
         assert!("0.0.0.0/0".parse::<Cidr>().unwrap().is_everything());
+        assert!("fd00::/8".parse::<Cidr>().unwrap().is_ipv6());
         for bad in [
             "10.0.0.0",
             "10.0.0.0/33",
