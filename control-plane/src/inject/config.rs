@@ -55,15 +55,16 @@ pub enum PullPolicy {
     Never,
 }
 
-/// Resource requests and limits of the sidecar container (`cpu`, `memory`, `ephemeral-storage`).
-#[derive(Debug, Clone, Deserialize)]
+/// Resource requests and limits of the sidecar container (`cpu`, `memory`, `ephemeral-storage`);
+/// serialised as a container's `resources`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
     /// What the scheduler reserves.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub requests: BTreeMap<String, Quantity>,
     /// What the container may use at most.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub limits: BTreeMap<String, Quantity>,
 }
 

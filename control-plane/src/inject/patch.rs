@@ -149,24 +149,6 @@ fn proxy_container(plan: &Plan, config: &InjectorConfig, trust_domain: &TrustDom
             "timeoutSeconds": 1
         })
     };
-    let quantities = |m: &std::collections::BTreeMap<String, super::values::Quantity>| {
-        m.iter()
-            .map(|(k, q)| (k.clone(), json!(q.as_str())))
-            .collect::<Map<String, Value>>()
-    };
-    let mut resources = Map::new();
-    if !config.resources.requests.is_empty() {
-        resources.insert(
-            "requests".into(),
-            Value::Object(quantities(&config.resources.requests)),
-        );
-    }
-    if !config.resources.limits.is_empty() {
-        resources.insert(
-            "limits".into(),
-            Value::Object(quantities(&config.resources.limits)),
-        );
-    }
     json!({
         "name": PROXY_CONTAINER,
         "image": config.image,
@@ -181,7 +163,7 @@ fn proxy_container(plan: &Plan, config: &InjectorConfig, trust_domain: &TrustDom
         "startupProbe": probe("/readyz", 1, STARTUP_FAILURES),
         "readinessProbe": probe("/readyz", 5, 3),
         "livenessProbe": probe("/healthz", 10, 3),
-        "resources": resources,
+        "resources": config.resources,
         "volumeMounts": [{"name": STATE_VOLUME, "mountPath": STATE_DIR}],
         "securityContext": {
             "runAsUser": config.proxy_uid,
