@@ -81,8 +81,9 @@ impl Injector {
     pub fn review(&self, body: &[u8]) -> Result<(ReviewResponse, Outcome), HttpError> {
         let de = &mut serde_json::Deserializer::from_slice(body);
         let review: AdmissionReview = serde_path_to_error::deserialize(de).map_err(|e| {
-            HttpError::invalid(
-                e.path().to_string(),
+            malformed(
+                None,
+                e.path(),
                 format!("not an AdmissionReview: {}", e.inner()),
             )
         })?;
@@ -137,8 +138,9 @@ impl Injector {
             HttpError::invalid("request.object", "a CREATE review must carry the pod")
         })?;
         let pod: Pod = serde_path_to_error::deserialize(object).map_err(|e| {
-            HttpError::invalid(
-                format!("request.object.{}", e.path()),
+            malformed(
+                Some("request.object"),
+                e.path(),
                 format!("not a v1 Pod: {}", e.inner()),
             )
         })?;
@@ -178,6 +180,20 @@ impl Injector {
             }
         }
     }
+}
+
+/// HTTP 400 naming the field at `path` (under `prefix`), or the whole body when the path is
+/// the root.
+fn malformed(prefix: Option<&str>, path: &serde_path_to_error::Path, why: String) -> HttpError {
+    let path = path.to_string();
+    let field = match (prefix, path.as_str()) {
+        // "." is the root; "?" a position serde could not name (e.g. the body ends inside a map).
+        (None, "." | "?") => return HttpError::new(StatusCode::BAD_REQUEST, why),
+        (Some(prefix), "." | "?") => prefix.to_owned(),
+        (Some(prefix), path) => format!("{prefix}.{path}"),
+        (None, _) => path,
+    };
+    HttpError::invalid(field, why)
 }
 
 fn refused(mut response: AdmissionResponse, message: String) -> AdmissionResponse {
@@ -324,7 +340,14 @@ mod tests {
             e.body.field.as_deref(),
             Some("request.object.spec.containers[0].ports[0].containerPort")
         );
-        assert!(injector().review(b"{").is_err());
+        let e = err(review(serde_json::json!({
+            "uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"}, "operation": "CREATE",
+            "object": "a pod"
+        })));
+        assert_eq!(e.body.field.as_deref(), Some("request.object"));
+        let e = injector().review(b"{").unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(e.body.field, None, "a syntax error is about the whole body");
     }
 
     #[test]
