@@ -238,13 +238,7 @@ impl RouteTable {
                     r.authority()
                 )));
             }
-            let r = Arc::new(r);
-            table
-                .by_host
-                .entry(r.host.clone())
-                .or_default()
-                .push(r.clone());
-            table.routes.push(r);
+            table.push(r);
         }
         Ok(table)
     }
@@ -268,15 +262,18 @@ impl RouteTable {
                 }
                 continue;
             }
-            let r = Arc::new(r);
-            table
-                .by_host
-                .entry(r.host.clone())
-                .or_default()
-                .push(r.clone());
-            table.routes.push(r);
+            table.push(r);
         }
         table
+    }
+
+    fn push(&mut self, route: Route) {
+        let route = Arc::new(route);
+        self.by_host
+            .entry(route.host.clone())
+            .or_default()
+            .push(route.clone());
+        self.routes.push(route);
     }
 
     /// The route for a destination the agent named (host is matched case-insensitively).

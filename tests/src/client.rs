@@ -384,3 +384,27 @@ pub async fn probe_inbound(addr: SocketAddr, client: Option<&Svid>) -> anyhow::R
         error,
     })
 }
+
+/// Sends `CONNECT authority` on `tcp` (an explicit proxy's listener) and returns the response head,
+/// up to and including the blank line; bytes after it stay unread, for the tunnel.
+pub async fn connect_tunnel(tcp: &mut TcpStream, authority: &str) -> anyhow::Result<String> {
+    tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nhost: {authority}\r\n\r\n").as_bytes())
+        .await?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = crate::within(
+            Duration::from_secs(10),
+            "the CONNECT answer",
+            tcp.read(&mut byte),
+        )
+        .await??;
+        anyhow::ensure!(
+            n == 1,
+            "connection closed after {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use mandate_e2e::apps::TcpEcho;
+use mandate_e2e::client::connect_tunnel;
 use mandate_e2e::policy::{reference_policy, registry};
 use mandate_e2e::{TestEnv, ensure_eq, within};
 use serde_json::json;
@@ -13,25 +14,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// Sends `CONNECT authority` and returns the response head (up to the blank line).
-async fn connect(tcp: &mut TcpStream, authority: &str) -> anyhow::Result<String> {
-    tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nhost: {authority}\r\n\r\n").as_bytes())
-        .await?;
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = within(
-            Duration::from_secs(10),
-            "the CONNECT answer",
-            tcp.read(&mut byte),
-        )
-        .await??;
-        anyhow::ensure!(n == 1, "closed after {:?}", String::from_utf8_lossy(&head));
-        head.push(byte[0]);
-    }
-    Ok(String::from_utf8_lossy(&head).into_owned())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_allowed_external_host_is_tunnelled_and_others_are_refused() {
@@ -56,7 +38,7 @@ async fn an_allowed_external_host_is_tunnelled_and_others_are_refused() {
             .await?;
 
         let mut tunnel = TcpStream::connect(agent.outbound()).await?;
-        let head = connect(&mut tunnel, &allowed.addr().to_string()).await?;
+        let head = connect_tunnel(&mut tunnel, &allowed.addr().to_string()).await?;
         anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
         tunnel.write_all(b"hello, outside").await?;
         let mut back = [0u8; 14];
@@ -75,7 +57,7 @@ async fn an_allowed_external_host_is_tunnelled_and_others_are_refused() {
         ensure_eq!(record["allow"], true, "{record}");
 
         let mut refused = TcpStream::connect(agent.outbound()).await?;
-        let head = connect(&mut refused, &other.addr().to_string()).await?;
+        let head = connect_tunnel(&mut refused, &other.addr().to_string()).await?;
         anyhow::ensure!(head.starts_with("HTTP/1.1 403"), "{head}");
         ensure_eq!(other.connections(), 0, "a refused tunnel never connects");
         let record = agent

@@ -428,25 +428,7 @@ async fn connect_tunnel_to_a_route_reaches_the_app_over_mtls() {
         let app = App::start().await?;
         let (agent, _tool) = env.pair(app.addr(), "tool:8080").await?;
         let mut tcp = tokio::net::TcpStream::connect(agent.outbound()).await?;
-        tcp.write_all(b"CONNECT tool:8080 HTTP/1.1\r\nhost: tool:8080\r\n\r\n")
-            .await?;
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            let n = within(
-                Duration::from_secs(10),
-                "CONNECT answer",
-                tcp.read(&mut byte),
-            )
-            .await??;
-            anyhow::ensure!(
-                n == 1,
-                "connection closed after {:?}",
-                String::from_utf8_lossy(&head)
-            );
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8_lossy(&head).into_owned();
+        let head = mandate_e2e::client::connect_tunnel(&mut tcp, "tool:8080").await?;
         assert!(head.starts_with("HTTP/1.1 200"), "CONNECT answer: {head:?}");
 
         // Inside the tunnel: plain HTTP/1.1 to the app, carried opaquely.
