@@ -498,15 +498,6 @@ mod tests {
             "containers": [{"name": "app"}], "initContainers": [{"name": "mandate-init"}]
         }));
         assert!(refusal(&init_name).contains("named mandate-init"));
-        let marker_only = pod(serde_json::json!({
-            "metadata": {"annotations": {"mandate.dev/inject": "true", "mandate.dev/status": "injected"}},
-            "spec": {"containers": [{"name": "app"}]}
-        }));
-        assert!(refusal(&marker_only).starts_with("annotation mandate.dev/status: set, but"));
-        let init_name = annotated(serde_json::json!({
-            "containers": [{"name": "app"}], "initContainers": [{"name": "mandate-init"}]
-        }));
-        assert!(refusal(&init_name).contains("named mandate-init"));
         let v6_off = InjectorConfig::parse(
             "image: m\ncontrol-plane: https://cp\nipv6: false\n",
             Path::new("inject.yaml"),
