@@ -155,7 +155,7 @@ impl Outbound {
             port: dst.port(),
             id: None,
         };
-        if let Err(refused) = self.external_allowed(destination) {
+        if let Err(refused) = self.tcp_allowed(destination) {
             tracing::warn!(destination = %dst, reason = %refused.reason, "redirected connection to a destination outside the mesh refused");
             return;
         }
@@ -167,39 +167,6 @@ impl Outbound {
             Err(e) => {
                 tracing::warn!(destination = %dst, error = %e, "external destination unavailable")
             }
-        }
-    }
-
-    /// Whether our workload is active and policy lets it open a stream to `destination`, outside
-    /// the mesh. Without a policy nothing outside the mesh is allowed.
-    fn external_allowed(&self, destination: Destination<'_>) -> Result<(), Box<Decision>> {
-        let own = self.identity.current();
-        if let Err(inactive) = self.identity.revocations().check(own.svid.id.as_str()) {
-            return Err(Box::new(
-                self.refuse_external(destination, inactive.to_string()),
-            ));
-        }
-        let Some(authz) = &self.authz else {
-            return Err(Box::new(Decision::refusal(format!(
-                "no route to {}:{}, and without a policy destinations outside the mesh are refused",
-                destination.host, destination.port
-            ))));
-        };
-        let decision = authz.authorize_tcp(Direction::Outbound, &own.svid.id, destination);
-        if decision.proceeds() {
-            Ok(())
-        } else {
-            Err(Box::new(decision))
-        }
-    }
-
-    fn refuse_external(&self, destination: Destination<'_>, reason: String) -> Decision {
-        match &self.authz {
-            Some(authz) => {
-                let own = self.identity.current();
-                authz.refuse(Direction::Outbound, &own.svid.id, destination, None, reason)
-            }
-            None => Decision::refusal(reason),
         }
     }
 
@@ -215,7 +182,7 @@ impl Outbound {
             port,
             id: None,
         };
-        if let Err(denied) = self.external_allowed(destination) {
+        if let Err(denied) = self.tcp_allowed(destination) {
             return crate::authz::denied_response(&denied);
         }
         match connect_external(host, port).await {
@@ -243,7 +210,7 @@ impl Outbound {
 
     /// Tunnels a plain TCP connection to a TCP route over mTLS, if policy allows.
     async fn tunnel(&self, mut client: TcpStream, route: &Route) {
-        if self.tcp_allowed(route).is_err() {
+        if self.tcp_allowed(route.destination()).is_err() {
             return; // the refusal is logged and recorded; closing is all TCP can say
         }
         let config = self.identity.current().client_tcp.clone();
@@ -308,10 +275,10 @@ impl Outbound {
         if parts.method == Method::CONNECT {
             return self.connect(Request::from_parts(parts, body), &route).await;
         }
-        if let Some(reason) = self.inactive(&route) {
+        if let Some(reason) = self.inactive(route.destination()) {
             return crate::authz::denied_response(&self.refuse_inactive(
                 Some(&parts),
-                &route,
+                route.destination(),
                 reason,
             ));
         }
@@ -418,27 +385,36 @@ impl Outbound {
     }
 
     /// Why the registry forbids this call before policy is asked: our own workload, or the
-    /// destination, is suspended or revoked.
-    fn inactive(&self, route: &Route) -> Option<String> {
+    /// meshed destination, is suspended or revoked.
+    fn inactive(&self, destination: Destination<'_>) -> Option<String> {
         let revocations = self.identity.revocations();
         let own = self.identity.current();
         revocations
             .check(own.svid.id.as_str())
-            .and_then(|()| revocations.check(route.id.as_str()))
+            .and_then(|()| {
+                destination
+                    .id
+                    .map_or(Ok(()), |id| revocations.check(id.as_str()))
+            })
             .err()
             .map(|inactive| inactive.to_string())
     }
 
     /// Refuses (and records, when decisions are kept) a call the registry forbids.
-    fn refuse_inactive(&self, parts: Option<&Parts>, route: &Route, reason: String) -> Decision {
-        tracing::info!(route = %route.authority(), %reason, "outbound call refused");
+    fn refuse_inactive(
+        &self,
+        parts: Option<&Parts>,
+        destination: Destination<'_>,
+        reason: String,
+    ) -> Decision {
+        tracing::info!(destination = %destination.host, port = destination.port, %reason, "outbound call refused");
         match &self.authz {
             Some(authz) => {
                 let own = self.identity.current();
                 authz.refuse(
                     Direction::Outbound,
                     &own.svid.id,
-                    route.destination(),
+                    destination,
                     parts,
                     reason,
                 )
@@ -447,18 +423,24 @@ impl Outbound {
         }
     }
 
-    /// Whether the registry and policy let this sidecar open a TCP stream to `route` (the registry
-    /// alone decides without a policy).
-    fn tcp_allowed(&self, route: &Route) -> Result<(), Box<Decision>> {
-        if let Some(reason) = self.inactive(route) {
-            return Err(Box::new(self.refuse_inactive(None, route, reason)));
+    /// Whether the registry and policy let this sidecar open a TCP stream to `destination`.
+    /// Without a policy the registry alone decides for meshed destinations, and nothing outside
+    /// the mesh is reached.
+    fn tcp_allowed(&self, destination: Destination<'_>) -> Result<(), Box<Decision>> {
+        if let Some(reason) = self.inactive(destination) {
+            return Err(Box::new(self.refuse_inactive(None, destination, reason)));
         }
         let Some(authz) = &self.authz else {
-            return Ok(());
+            return match destination.id {
+                Some(_) => Ok(()),
+                None => Err(Box::new(Decision::refusal(format!(
+                    "no route to {}:{}, and without a policy destinations outside the mesh are refused",
+                    destination.host, destination.port
+                )))),
+            };
         };
         let identity = self.identity.current();
-        let decision =
-            authz.authorize_tcp(Direction::Outbound, &identity.svid.id, route.destination());
+        let decision = authz.authorize_tcp(Direction::Outbound, &identity.svid.id, destination);
         if decision.proceeds() {
             Ok(())
         } else {
@@ -468,7 +450,7 @@ impl Outbound {
 
     /// `CONNECT`: decide, establish the mTLS stream so failures get a real status, then splice.
     async fn connect(&self, req: Request<Incoming>, route: &Route) -> Response<ProxyBody> {
-        if let Err(denied) = self.tcp_allowed(route) {
+        if let Err(denied) = self.tcp_allowed(route.destination()) {
             return crate::authz::denied_response(&denied);
         }
         let config = self.identity.current().client_tcp.clone();
