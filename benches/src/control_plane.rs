@@ -1354,20 +1354,6 @@ fn join(c: &[usize]) -> String {
     c.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
 }
 
-/// Runs the control-plane benchmark on its own runtime when `--only` selects it or nothing.
-pub fn wanted(args: &BenchArgs) -> bool {
-    args.only.is_empty() || args.only.contains(&crate::topology::Kind::ControlPlane)
-}
-
-/// Fails with the parts that did not run when they should have.
-pub fn check(r: &ControlPlaneReport) -> anyhow::Result<()> {
-    let f = r.failures();
-    if !f.is_empty() {
-        bail!("failed: {}", f.join(", "));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1448,20 +1448,6 @@ fn pair_markdown(s: &mut String, p: &Pair, args: &BenchArgs) {
     let _ = writeln!(s, "\n</details>");
 }
 
-/// Runs the delegation benchmark when `--only` selects it or nothing.
-pub fn wanted(args: &BenchArgs) -> bool {
-    args.only.is_empty() || args.only.contains(&crate::topology::Kind::Delegation)
-}
-
-/// Fails with the parts that did not run when they should have.
-pub fn check(r: &DelegationReport) -> anyhow::Result<()> {
-    let f = r.failures();
-    if !f.is_empty() {
-        bail!("failed: {}", f.join(", "));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -138,20 +138,6 @@ impl IngestReport {
     }
 }
 
-/// Runs the benchmark when `--only` names `ingest` or nothing.
-pub fn wanted(args: &BenchArgs) -> bool {
-    args.only.is_empty() || args.only.contains(&crate::topology::Kind::Ingest)
-}
-
-/// Fails with the parts that failed.
-pub fn check(r: &IngestReport) -> anyhow::Result<()> {
-    let f = r.failures();
-    if !f.is_empty() {
-        bail!("failed: {}", f.join(", "));
-    }
-    Ok(())
-}
-
 /// Runs every part.
 pub async fn run(
     args: &BenchArgs,

@@ -268,27 +268,24 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     // Again afterwards: the machine's mood changes over minutes, and one figure would mislead.
     eprintln!("== machine jitter again, after the run");
     let jitter_after = jitter::measure(&all_cpus, JITTER_TIME);
-    let control_plane = control_plane::wanted(args).then(|| {
-        rt.block_on(control_plane::run(args, &cpus_cp, &cpus_load))
-            .map_err(|e| {
-                eprintln!("== control plane FAILED: {e:#}");
-                format!("{e:#}")
-            })
-    });
-    let delegation = delegation::wanted(args).then(|| {
-        rt.block_on(delegation::run(args, &cpus_proxy, &cpus_load))
-            .map_err(|e| {
-                eprintln!("== delegation FAILED: {e:#}");
-                format!("{e:#}")
-            })
-    });
-    let ingest = ingest::wanted(args).then(|| {
-        rt.block_on(ingest::run(args, &cpus_proxy, &cpus_load))
-            .map_err(|e| {
-                eprintln!("== ingest FAILED: {e:#}");
-                format!("{e:#}")
-            })
-    });
+    let control_plane = section(
+        &rt,
+        args,
+        Kind::ControlPlane,
+        control_plane::run(args, &cpus_cp, &cpus_load),
+    );
+    let delegation = section(
+        &rt,
+        args,
+        Kind::Delegation,
+        delegation::run(args, &cpus_proxy, &cpus_load),
+    );
+    let ingest = section(
+        &rt,
+        args,
+        Kind::Ingest,
+        ingest::run(args, &cpus_proxy, &cpus_load),
+    );
     let tmp = results.tmp.display().to_string();
     let report = Report {
         machine,
@@ -336,22 +333,47 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     if let Some(Err(e)) = &report.policy_eval {
         bail!("policy evaluation benchmark failed: {e}");
     }
-    match &report.control_plane {
-        Some(Err(e)) => bail!("control plane benchmark failed: {e}"),
-        Some(Ok(cp)) => control_plane::check(cp).context("control plane benchmark")?,
-        None => {}
-    }
-    match &report.delegation {
-        Some(Err(e)) => bail!("delegation benchmark failed: {e}"),
-        Some(Ok(d)) => delegation::check(d).context("delegation benchmark")?,
-        None => {}
-    }
-    match &report.ingest {
-        Some(Err(e)) => bail!("ingest benchmark failed: {e}"),
-        Some(Ok(r)) => ingest::check(r).context("ingest benchmark")?,
-        None => {}
-    }
+    check_section(Kind::ControlPlane, &report.control_plane, |r| r.failures())?;
+    check_section(Kind::Delegation, &report.delegation, |r| r.failures())?;
+    check_section(Kind::Ingest, &report.ingest, |r| r.failures())?;
     Ok(())
+}
+
+/// Runs one benchmark section on `rt` when `--only` names `kind` or nothing; a failure is printed
+/// and kept for the report.
+fn section<R>(
+    rt: &tokio::runtime::Runtime,
+    args: &BenchArgs,
+    kind: Kind,
+    run: impl std::future::Future<Output = anyhow::Result<R>>,
+) -> Option<Result<R, String>> {
+    if !(args.only.is_empty() || args.only.contains(&kind)) {
+        return None;
+    }
+    Some(rt.block_on(run).map_err(|e| {
+        eprintln!("== {} FAILED: {e:#}", kind.label());
+        format!("{e:#}")
+    }))
+}
+
+/// Fails when a section that ran failed, or left out parts it should have run.
+fn check_section<R>(
+    kind: Kind,
+    result: &Option<Result<R, String>>,
+    failures: impl Fn(&R) -> Vec<&'static str>,
+) -> anyhow::Result<()> {
+    let name = kind.label();
+    match result {
+        Some(Err(e)) => bail!("{name} benchmark failed: {e}"),
+        Some(Ok(r)) => {
+            let f = failures(r);
+            if !f.is_empty() {
+                bail!("{name} benchmark: failed: {}", f.join(", "));
+            }
+            Ok(())
+        }
+        None => Ok(()),
+    }
 }
 
 struct RunAll {
