@@ -8,6 +8,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::backend::{BeginWrite as _, Pool, on_pool};
+use super::select::{Arg, Select, bind_all};
 use super::{DecisionQuery, DecisionRecord, IngestResult, Store, StoreError};
 
 /// Columns bound per decision row.
@@ -184,12 +185,6 @@ struct Link {
     hash: String,
 }
 
-/// A bound value of a decision query.
-enum Arg {
-    Text(String),
-    Int(i64),
-}
-
 impl Store {
     /// Stores decisions reported by the sidecar `reported_by` (its SPIFFE ID), all or none, in one
     /// transaction; ids already stored (or repeated in the batch) count as duplicates. This is
@@ -283,56 +278,34 @@ impl Store {
 
     /// Decisions matching every given filter, newest first, at most `q.limit`.
     pub async fn decisions(&self, q: &DecisionQuery) -> Result<Vec<DecisionRecord>, StoreError> {
-        let mut filters = Vec::new();
-        let mut args = Vec::new();
-        let mut filter = |column: &str, op: &str, arg: Arg| {
-            args.push(arg);
-            filters.push(format!("{column} {op} ${}", args.len()));
-        };
+        let mut select = Select::new("SELECT decision_id, record FROM decisions");
         if let Some(source) = &q.source {
-            filter("source", "=", Arg::Text(source.clone()));
+            select.filter("source", "=", Arg::Text(source.clone()));
         }
         if let Some(subject) = &q.subject {
-            filter("subject", "=", Arg::Text(subject.clone()));
+            select.filter("subject", "=", Arg::Text(subject.clone()));
         }
         if let Some(tool) = &q.tool {
-            filter("tool", "=", Arg::Text(tool.clone()));
+            select.filter("tool", "=", Arg::Text(tool.clone()));
         }
         if let Some(grant) = &q.grant {
-            filter("grant_id", "=", Arg::Text(grant.clone()));
+            select.filter("grant_id", "=", Arg::Text(grant.clone()));
         }
         if let Some(approver) = &q.approver {
-            filter("approved_by", "=", Arg::Text(approver.clone()));
+            select.filter("approved_by", "=", Arg::Text(approver.clone()));
         }
         if let Some(allow) = q.allow {
-            filter("allow", "=", Arg::Int(i64::from(allow)));
+            select.filter("allow", "=", Arg::Int(i64::from(allow)));
         }
         if let Some(since) = &q.since {
-            filter("ts_ms", ">=", Arg::Int(parse_bound("since", since)?));
+            select.filter("ts_ms", ">=", Arg::Int(parse_bound("since", since)?));
         }
         if let Some(until) = &q.until {
-            filter("ts_ms", "<", Arg::Int(parse_bound("until", until)?));
+            select.filter("ts_ms", "<", Arg::Int(parse_bound("until", until)?));
         }
-        let mut sql = String::from("SELECT decision_id, record FROM decisions");
-        if !filters.is_empty() {
-            sql.push_str(" WHERE ");
-            sql.push_str(&filters.join(" AND "));
-        }
-        args.push(Arg::Int(i64::from(q.limit)));
-        let _ = write!(
-            sql,
-            " ORDER BY ts_ms DESC, decision_id DESC LIMIT ${}",
-            args.len()
-        );
+        let (sql, args) = select.finish("ts_ms DESC, decision_id DESC", q.limit);
         let rows: Vec<(String, String)> = on_pool!(self, pool => {
-            let mut query = sqlx::query_as(&sql);
-            for arg in &args {
-                query = match arg {
-                    Arg::Text(text) => query.bind(text),
-                    Arg::Int(int) => query.bind(int),
-                };
-            }
-            query.fetch_all(pool).await?
+            bind_all!(sqlx::query_as(&sql), &args).fetch_all(pool).await?
         });
         rows.into_iter()
             .map(|(id, record)| {

@@ -3,7 +3,6 @@
 //! [`Change::Delegation`]; creating a grant does not (sidecars need only what is no longer valid).
 
 use std::fmt;
-use std::fmt::Write as _;
 
 use mandate_wire::{DelegationState, Jwk, RevokedGrant};
 use serde::{Serialize, Serializer};
@@ -11,6 +10,7 @@ use serde_json::{Map, Value};
 use sqlx::error::ErrorKind;
 
 use super::backend::{BeginWrite as _, Notify as _, on_pool};
+use super::select::{Arg, Select, bind_all};
 use super::{Change, Store, StoreError};
 
 /// The columns [`GrantRow`] decodes, in its order.
@@ -285,11 +285,6 @@ impl fmt::Debug for StoredDelegationKey {
     }
 }
 
-enum Arg {
-    Text(String),
-    Int(i64),
-}
-
 impl Store {
     /// Stores a new, active grant. NotFound if its agent is not registered.
     pub async fn insert_grant(&self, g: &NewGrant) -> Result<Grant, StoreError> {
@@ -376,53 +371,31 @@ impl Store {
 
     /// Grants matching `q`, newest first.
     pub async fn grants(&self, q: &GrantQuery, now_ms: i64) -> Result<Vec<Grant>, StoreError> {
-        let mut filters = Vec::new();
-        let mut args = Vec::new();
-        let mut filter = |column: &str, op: &str, arg: Arg| {
-            args.push(arg);
-            filters.push(format!("{column} {op} ${}", args.len()));
-        };
+        let mut select = Select::new(concat!("SELECT ", grant_columns!(), " FROM grants"));
         if let Some(agent) = &q.agent {
-            filter("agent", "=", Arg::Text(agent.clone()));
+            select.filter("agent", "=", Arg::Text(agent.clone()));
         }
         if let Some(subject) = &q.subject {
-            filter("subject", "=", Arg::Text(subject.clone()));
+            select.filter("subject", "=", Arg::Text(subject.clone()));
         }
         if let Some(task) = &q.task {
-            filter("task", "=", Arg::Text(task.clone()));
+            select.filter("task", "=", Arg::Text(task.clone()));
         }
         match q.status {
             None => {}
             Some(GrantStatus::Active) => {
-                filter("status", "=", Arg::Text("active".into()));
-                filter("expires_at", ">", Arg::Int(now_ms));
+                select.filter("status", "=", Arg::Text("active".into()));
+                select.filter("expires_at", ">", Arg::Int(now_ms));
             }
             Some(GrantStatus::Expired) => {
-                filter("status", "=", Arg::Text("active".into()));
-                filter("expires_at", "<=", Arg::Int(now_ms));
+                select.filter("status", "=", Arg::Text("active".into()));
+                select.filter("expires_at", "<=", Arg::Int(now_ms));
             }
-            Some(status) => filter("status", "=", Arg::Text(status.as_str().into())),
+            Some(status) => select.filter("status", "=", Arg::Text(status.as_str().into())),
         }
-        let mut sql = String::from(concat!("SELECT ", grant_columns!(), " FROM grants"));
-        if !filters.is_empty() {
-            sql.push_str(" WHERE ");
-            sql.push_str(&filters.join(" AND "));
-        }
-        args.push(Arg::Int(i64::from(q.limit)));
-        let _ = write!(
-            sql,
-            " ORDER BY created_at DESC, id DESC LIMIT ${}",
-            args.len()
-        );
+        let (sql, args) = select.finish("created_at DESC, id DESC", q.limit);
         let rows: Vec<GrantRow> = on_pool!(self, pool => {
-            let mut query = sqlx::query_as(&sql);
-            for arg in &args {
-                query = match arg {
-                    Arg::Text(text) => query.bind(text),
-                    Arg::Int(int) => query.bind(int),
-                };
-            }
-            query.fetch_all(pool).await?
+            bind_all!(sqlx::query_as(&sql), &args).fetch_all(pool).await?
         });
         rows.into_iter()
             .map(|row| grant_from_row(row, now_ms))

@@ -13,6 +13,7 @@ mod bundles;
 mod decisions;
 mod grants;
 mod registry;
+mod select;
 
 use std::collections::BTreeMap;
 use std::fmt;
