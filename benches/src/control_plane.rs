@@ -842,25 +842,8 @@ async fn push(ctx: &Ctx<'_>) -> Result<Push, SetupError> {
 /// Decisions per second stored by a fresh control plane on SQLite or PostgreSQL.
 async fn ingest(ctx: &Ctx<'_>, pg: bool) -> Result<Ingest, SetupError> {
     let args = ctx.args;
-    let mut facts = Vec::new();
-    let db = if pg {
-        match Postgres::start(&ctx.tmp.join("postgres"), ctx.cpus)? {
-            Ok(db) => {
-                facts.push(format!("{} (`{}`)", db.version, db.command_line));
-                Some(db)
-            }
-            Err(why) => return Err(SetupError::Unavailable(why)),
-        }
-    } else {
-        facts.push("SQLite at `<data-dir>/mandate.db` (the default store)".to_owned());
-        None
-    };
+    let (db, facts) = Postgres::store(&ctx.tmp.join("postgres"), ctx.cpus, pg)?;
     let url = db.as_ref().map(Postgres::url);
-    if let Some(u) = &url {
-        facts.push(format!(
-            "`--database-url {u}` (a throwaway cluster, fsync off)"
-        ));
-    }
     let name = if pg {
         "serve-ingest-postgres"
     } else {
@@ -1122,16 +1105,10 @@ pub fn markdown(r: &ControlPlaneReport, args: &BenchArgs, command: &str) -> Stri
     let mut s = String::new();
     let _ = writeln!(s, "\n## Control plane\n");
     let _ = writeln!(s, "### Run\n");
-    let alone = if args.only.is_empty() {
-        " (this section alone: add `--only control-plane`)"
-    } else {
-        ""
-    };
-    let _ = writeln!(s, "- Command: `{command}`{alone}");
-    let _ = writeln!(
-        s,
-        "- `make bench` runs `cargo build --release --workspace --bins` then \
-         `target/release/mandate-bench --bin-dir target/release --report docs/benchmarks.md`"
+    crate::report::command_lines(
+        &mut s,
+        command,
+        &crate::report::alone_hint(args, "control-plane"),
     );
     if !r.version.is_empty() {
         let _ = writeln!(s, "- Control plane: {}", r.version);
@@ -1142,8 +1119,8 @@ pub fn markdown(r: &ControlPlaneReport, args: &BenchArgs, command: &str) -> Stri
          sidecars (one tokio runtime on one thread, one HTTP/2 connection over mTLS each) on CPU {}. \
          Wall time {:.0} s; 1-minute load average {:.2} at the start, {:.2} at the end (it counts \
          the benchmark itself; the CPU columns below say what other programs used).",
-        join(&r.cpus_cp),
-        join(&r.cpus_load),
+        crate::report::cpu_list(&r.cpus_cp),
+        crate::report::cpu_list(&r.cpus_load),
         r.wall_s,
         r.loadavg.0,
         r.loadavg.1,
@@ -1348,10 +1325,6 @@ pub fn markdown(r: &ControlPlaneReport, args: &BenchArgs, command: &str) -> Stri
         }
     }
     s.replace(&r.tmp, "<tmp>")
-}
-
-fn join(c: &[usize]) -> String {
-    c.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
 }
 
 #[cfg(test)]

@@ -1097,10 +1097,6 @@ async fn pair(
 // ---------------------------------------------------------------------------------------------
 // Report.
 
-fn join(c: &[usize]) -> String {
-    c.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
-}
-
 /// The targets: (what, limit, measured, verdict).
 pub fn targets(r: &DelegationReport) -> Vec<[String; 4]> {
     let what = "token verification per request on the sidecar's cached path, p50".to_owned();
@@ -1183,16 +1179,10 @@ pub fn markdown(r: &DelegationReport, args: &BenchArgs, command: &str, machine: 
     let mut s = String::new();
     let _ = writeln!(s, "\n## Delegation verification\n");
     let _ = writeln!(s, "### Run\n");
-    let alone = if args.only.is_empty() {
-        " (this section alone: add `--only delegation`)"
-    } else {
-        ""
-    };
-    let _ = writeln!(s, "- Command: `{command}`{alone}");
-    let _ = writeln!(
-        s,
-        "- `make bench` runs `cargo build --release --workspace --bins` then \
-         `target/release/mandate-bench --bin-dir target/release --report docs/benchmarks.md`"
+    crate::report::command_lines(
+        &mut s,
+        command,
+        &crate::report::alone_hint(args, "delegation"),
     );
     let _ = writeln!(s, "- Machine: {machine}");
     let _ = writeln!(s, "- Wall time of this benchmark {:.0} s.", r.wall_s);
@@ -1303,8 +1293,8 @@ fn pair_markdown(s: &mut String, p: &Pair, args: &BenchArgs) {
         p.version,
         args.workers,
         args.workers,
-        join(&p.cpus[0]),
-        join(&p.cpus[1]),
+        crate::report::cpu_list(&p.cpus[0]),
+        crate::report::cpu_list(&p.cpus[1]),
     );
     let _ = writeln!(
         s,

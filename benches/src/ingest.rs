@@ -390,25 +390,8 @@ async fn end_to_end(
     pg: bool,
 ) -> Result<Backend, SetupError> {
     let dir = tmp.join(if pg { "e2e-postgres" } else { "e2e-sqlite" });
-    let mut facts = Vec::new();
-    let db = if pg {
-        match Postgres::start(&dir.join("postgres"), cpus_load)? {
-            Ok(db) => {
-                facts.push(format!("{} (`{}`)", db.version, db.command_line));
-                Some(db)
-            }
-            Err(why) => return Err(SetupError::Unavailable(why)),
-        }
-    } else {
-        facts.push("SQLite at `<data-dir>/mandate.db` (the default store)".to_owned());
-        None
-    };
+    let (db, facts) = Postgres::store(&dir.join("postgres"), cpus_load, pg)?;
     let url = db.as_ref().map(Postgres::url);
-    if let Some(u) = &url {
-        facts.push(format!(
-            "`--database-url {u}` (a throwaway cluster, fsync off)"
-        ));
-    }
     let mut b = base(args, &dir, cpus_load, url.as_deref()).await?;
     let (tool, agent) = b
         .pair(args, cpus_proxy, "tool", "bench-agent", true)
@@ -644,31 +627,17 @@ pub fn terminal(r: &IngestReport) -> String {
     s
 }
 
-fn join(c: &[usize]) -> String {
-    c.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
-}
-
 /// The "Decision ingest end to end" section of `docs/benchmarks.md`.
 pub fn markdown(r: &IngestReport, args: &BenchArgs, command: &str, heading: &str) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "\n{heading}\n");
-    let alone = if args.only.is_empty() {
-        " (this section alone: add `--only ingest`)"
-    } else {
-        ""
-    };
-    let _ = writeln!(s, "- Command: `{command}`{alone}");
-    let _ = writeln!(
-        s,
-        "- `make bench` runs `cargo build --release --workspace --bins` then \
-         `target/release/mandate-bench --bin-dir target/release --report docs/benchmarks.md`"
-    );
+    crate::report::command_lines(&mut s, command, &crate::report::alone_hint(args, "ingest"));
     let _ = writeln!(
         s,
         "- Sidecars on CPU {}; load generator, app, `mandate serve` (and PostgreSQL) on CPU {}. \
          Wall time {:.0} s.",
-        join(&r.cpus[0]),
-        join(&r.cpus[1]),
+        crate::report::cpu_list(&r.cpus[0]),
+        crate::report::cpu_list(&r.cpus[1]),
         r.wall_s
     );
     let _ = writeln!(s, "\n### Targets\n");
@@ -788,7 +757,7 @@ pub fn markdown(r: &IngestReport, args: &BenchArgs, command: &str, heading: &str
                 args.rounds.max(1),
                 args.quiet_wait.as_secs_f64(),
                 ROUND_WARMUP.as_millis(),
-                join(&r.cpus[0])
+                crate::report::cpu_list(&r.cpus[0])
             );
             let _ = writeln!(
                 s,

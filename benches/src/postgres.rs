@@ -101,6 +101,29 @@ fn command(program: &Path, user: Option<(u32, u32)>, cpus: &[usize]) -> Command 
 
 impl Postgres {
     /// Starts a cluster in `dir`, pinned to `cpus`; `Ok(Err(reason))` when PostgreSQL is not
+    /// The store a benchmarked `mandate serve` uses: a throwaway cluster in `dir` on `cpus` when
+    /// `pg` (unavailable when PostgreSQL is not installed), else none (SQLite); with the report's
+    /// lines saying which.
+    pub fn store(
+        dir: &Path,
+        cpus: &[usize],
+        pg: bool,
+    ) -> Result<(Option<Self>, Vec<String>), crate::topology::SetupError> {
+        if !pg {
+            let sqlite = "SQLite at `<data-dir>/mandate.db` (the default store)".to_owned();
+            return Ok((None, vec![sqlite]));
+        }
+        let db = Self::start(dir, cpus)?.map_err(crate::topology::SetupError::Unavailable)?;
+        let facts = vec![
+            format!("{} (`{}`)", db.version, db.command_line),
+            format!(
+                "`--database-url {}` (a throwaway cluster, fsync off)",
+                db.url()
+            ),
+        ];
+        Ok((Some(db), facts))
+    }
+
     /// installed (the caller skips it).
     pub fn start(dir: &Path, cpus: &[usize]) -> anyhow::Result<Result<Self, String>> {
         let (Some(initdb), Some(postgres)) = (find_bin("initdb"), find_bin("postgres")) else {

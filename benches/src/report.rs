@@ -609,12 +609,7 @@ pub fn markdown(r: &Report) -> String {
         m.date,
         r.wall.as_secs_f64()
     );
-    let _ = writeln!(s, "- Command: `{}`", r.command);
-    let _ = writeln!(
-        s,
-        "- `make bench` runs `cargo build --release --workspace --bins` then \
-         `target/release/mandate-bench --bin-dir target/release --report docs/benchmarks.md`"
-    );
+    command_lines(&mut s, &r.command, "");
     if let Some(g) = &m.git {
         let _ = writeln!(s, "- Source: `{g}`");
     }
@@ -1237,6 +1232,35 @@ fn policy_section(r: &Report) -> String {
         with.open.errors.total() + with.sat.errors.total()
     );
     s
+}
+
+/// CPU numbers as the report lists them: `0,1`.
+pub fn cpu_list(cpus: &[usize]) -> String {
+    cpus.iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The `- Command: …` line (with `alone` after it, e.g. how to run one section by itself) and
+/// what `make bench` runs.
+pub fn command_lines(s: &mut String, command: &str, alone: &str) {
+    let _ = writeln!(s, "- Command: `{command}`{alone}");
+    let _ = writeln!(
+        s,
+        "- `make bench` runs `cargo build --release --workspace --bins` then \
+         `target/release/mandate-bench --bin-dir target/release --report docs/benchmarks.md`"
+    );
+}
+
+/// What to add to a section's command to run it alone, when the run was not already narrowed
+/// with `--only`.
+pub fn alone_hint(args: &crate::cli::BenchArgs, only: &str) -> String {
+    if args.only.is_empty() {
+        format!(" (this section alone: add `--only {only}`)")
+    } else {
+        String::new()
+    }
 }
 
 #[cfg(test)]
