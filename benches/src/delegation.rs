@@ -738,16 +738,7 @@ async fn pair(
     cpus_proxy: &[usize],
     cpus_load: &[usize],
 ) -> Result<Pair, SetupError> {
-    let mandate = args.bin_dir.join("mandate");
-    let proxy = args.bin_dir.join("mandate-proxy");
-    for bin in [&mandate, &proxy] {
-        if !bin.is_file() {
-            return Err(SetupError::Unavailable(format!(
-                "{} not built (cargo build --release --workspace --bins)",
-                bin.display()
-            )));
-        }
-    }
+    let [mandate, proxy] = crate::topology::release_bins(args)?;
     let has = |argv: &[&str]| {
         std::process::Command::new(&mandate)
             .args(argv)

@@ -231,16 +231,7 @@ async fn base(
     cpus_load: &[usize],
     url: Option<&str>,
 ) -> Result<Base, SetupError> {
-    let mandate = args.bin_dir.join("mandate");
-    let proxy = args.bin_dir.join("mandate-proxy");
-    for bin in [&mandate, &proxy] {
-        if !bin.is_file() {
-            return Err(SetupError::Unavailable(format!(
-                "{} not built (cargo build --release --workspace --bins)",
-                bin.display()
-            )));
-        }
-    }
+    let [mandate, proxy] = crate::topology::release_bins(args)?;
     let has_spool = std::process::Command::new(&proxy)
         .arg("--help")
         .output()

@@ -76,6 +76,19 @@ pub enum SetupError {
     Failed(#[from] anyhow::Error),
 }
 
+/// The release binaries `mandate` and `mandate-proxy` in `--bin-dir`; unavailable when either is
+/// not built.
+pub fn release_bins(args: &BenchArgs) -> Result<[std::path::PathBuf; 2], SetupError> {
+    let bins = ["mandate", "mandate-proxy"].map(|name| args.bin_dir.join(name));
+    if let Some(missing) = bins.iter().find(|bin| !bin.is_file()) {
+        return Err(SetupError::Unavailable(format!(
+            "{} not built (cargo build --release --workspace --bins)",
+            missing.display()
+        )));
+    }
+    Ok(bins)
+}
+
 /// What every topology's start-up needs.
 pub struct Env<'a> {
     /// Benchmark options.

@@ -446,16 +446,7 @@ impl Client {
     ) -> Result<Self, ClientError> {
         let endpoint = Endpoint::parse(server)?;
         let tls = if endpoint.https {
-            let path = ca_cert.ok_or_else(|| ClientError::NoCaCert {
-                url: endpoint.url(),
-            })?;
-            let pem = std::fs::read(path).map_err(|e| {
-                ClientError::BadCa(format!(
-                    "cannot read {}: {e}; it should be the control plane's <data-dir>/ca.pem",
-                    path.display()
-                ))
-            })?;
-            let bundle = CaBundle::from_pem(&pem, path).map_err(ClientError::BadCa)?;
+            let (bundle, path) = read_ca(&endpoint, ca_cert)?;
             let config =
                 tls::client_config(&bundle).map_err(|e| ClientError::BadCa(e.to_string()))?;
             Some((TlsConnector::from(Arc::new(config)), path.to_owned()))
@@ -487,16 +478,7 @@ impl Client {
                 why: "a client certificate needs https".to_owned(),
             });
         }
-        let path = ca_cert.ok_or_else(|| ClientError::NoCaCert {
-            url: endpoint.url(),
-        })?;
-        let pem = std::fs::read(path).map_err(|e| {
-            ClientError::BadCa(format!(
-                "cannot read {}: {e}; it should be the control plane's <data-dir>/ca.pem",
-                path.display()
-            ))
-        })?;
-        let bundle = CaBundle::from_pem(&pem, path).map_err(ClientError::BadCa)?;
+        let (bundle, path) = read_ca(&endpoint, ca_cert)?;
         let certs = CertificateDer::pem_file_iter(cert)
             .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
             .map_err(|e| ClientError::Identity(format!("--cert {}: {e}", cert.display())))?;
@@ -692,6 +674,24 @@ pub fn decode<T: DeserializeOwned>(
             clean(text)
         },
     })
+}
+
+/// The CA certificate `--ca-cert` names, which an https `endpoint` needs, and its path.
+fn read_ca<'a>(
+    endpoint: &Endpoint,
+    ca_cert: Option<&'a Path>,
+) -> Result<(CaBundle, &'a Path), ClientError> {
+    let path = ca_cert.ok_or_else(|| ClientError::NoCaCert {
+        url: endpoint.url(),
+    })?;
+    let pem = std::fs::read(path).map_err(|e| {
+        ClientError::BadCa(format!(
+            "cannot read {}: {e}; it should be the control plane's <data-dir>/ca.pem",
+            path.display()
+        ))
+    })?;
+    let bundle = CaBundle::from_pem(&pem, path).map_err(ClientError::BadCa)?;
+    Ok((bundle, path))
 }
 
 #[cfg(test)]
